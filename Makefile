@@ -1,0 +1,24 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both build .venv first.
+PY ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed-stamp
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+.PHONY: setup demo test test-slow lint
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fedraft demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: $(STAMP) lint
+	$(VENV)/bin/pytest -q
+
+test-slow: $(STAMP)
+	$(VENV)/bin/pytest -q -m slow

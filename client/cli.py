@@ -1,0 +1,170 @@
+"""`fedraft-client`: the site agent's command line.
+
+Exit codes: 0 done; 1 refused by the federation (unenrolled, revoked); 2 bad usage or
+configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+from client.config import SiteConfigError, load_site_config  # noqa: E402
+
+app = typer.Typer(help="fedraft site agent: train locally, share only protected updates.",
+                  no_args_is_help=True)
+console = Console()
+err = Console(stderr=True)
+
+
+def _trainer_from_config(cfg):  # type: ignore[no-untyped-def]
+    if cfg.flower_app:
+        from client.flower_host import FlowerAppTrainer
+
+        node_config = {"partition-id": cfg.data.get("partition", 0),
+                       "num-partitions": cfg.data.get("num_partitions", 1)}
+        if cfg.privacy:
+            raise SiteConfigError("privacy: record-level DP-SGD is built in for the built-in "
+                                  "tasks only; a Flower app must add its own (not yet wired)")
+        return FlowerAppTrainer(cfg.flower_app, run_config={}, node_config=node_config)
+    from client.tasks import make_trainer
+
+    d = cfg.data
+    trainer = make_trainer(cfg.task, site_index=d.get("partition", 0),
+                           num_sites=d.get("num_partitions", 1), method=d.get("split", "iid"),
+                           alpha=d.get("alpha", 0.5), seed=d.get("seed", cfg.seed),
+                           device=cfg.device)
+    p = cfg.privacy
+    if "epsilon" not in p:
+        return trainer
+    from client.dp import DPTorchTrainer
+
+    # Record-level DP-SGD: one PrivacyEngine for the site's whole training; its
+    # accountant history lives in the state dir, so a restarted agent continues it.
+    return DPTorchTrainer(trainer, epsilon=p["epsilon"], delta=p.get("delta", 1e-5),
+                          planned_rounds=p.get("planned_rounds", 10),
+                          state_path=cfg.state_dir / "dp-accountant.json",
+                          clip_norm=p.get("clip_norm", 1.0))
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Option("--config", "-c", envvar="FEDRAFT_SITE_CONFIG",
+                                         help="site TOML")],
+    max_rounds: Annotated[int | None, typer.Option(help="exit after this many rounds")] = None,
+    log_level: Annotated[str, typer.Option()] = "info",
+) -> None:
+    """Join the federation and serve round tasks until stopped."""
+    from client.agent import Agent, load_identity_key
+
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_site_config(config)
+        key = load_identity_key(cfg.identity_key)
+        tls = (cfg.ca.read_bytes(), cfg.cert.read_bytes(), cfg.key.read_bytes())
+    except (SiteConfigError, OSError, ValueError) as exc:
+        err.print(f"[red]configuration error:[/] {exc}")
+        raise typer.Exit(2) from None
+    import torch
+
+    # Small models train far faster on one CPU thread than on contended many.
+    torch.set_num_threads(max(1, cfg.threads))
+    try:
+        trainer = _trainer_from_config(cfg)
+    except (SiteConfigError, ValueError) as exc:
+        err.print(f"[red]configuration error:[/] {exc}")
+        raise typer.Exit(2) from None
+    agent = Agent(cfg.site_id, list(cfg.nodes), tls, key, trainer, cfg.state_dir,
+                  poll_wait_s=cfg.poll_wait_s)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: agent.stopped.set())
+    try:
+        agent.run(max_rounds=max_rounds)
+    except PermissionError as exc:
+        err.print(f"[red]refused by the federation:[/] {exc}")
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def keygen(out: Annotated[Path, typer.Option("--out", "-o", help="private key file (PEM)")]) -> None:
+    """Create the site's Ed25519 identity key; prints the public key to enroll."""
+    from client.agent import write_identity_key
+    from coordinator.wire import public_key_hex
+
+    try:
+        key = write_identity_key(out)
+    except FileExistsError:
+        err.print(f"[red]{out} exists; refusing to overwrite an identity key[/]")
+        raise typer.Exit(2) from None
+    print(public_key_hex(key))
+
+
+@app.command("init-model")
+def init_model(
+    out: Annotated[Path, typer.Option("--out", "-o")],
+    task: Annotated[str | None, typer.Option(help="built-in task name")] = None,
+    flower_app: Annotated[str | None, typer.Option(
+        help="module:attribute of a Flower ClientApp answering the initial_parameters query")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Write fresh version-0 weights (a built-in task's, or a Flower app's) as safetensors."""
+    from coordinator.wire import encode_model, sha256_hex
+
+    if (task is None) == (flower_app is None):
+        err.print("[red]give exactly one of --task and --flower-app[/]")
+        raise typer.Exit(2)
+    if flower_app is not None:
+        from client.flower_host import FlowerAppTrainer
+
+        params = FlowerAppTrainer(flower_app).initial_parameters()
+    else:
+        from client.tasks import TASKS, build_model, get_parameters
+
+        if task not in TASKS:
+            err.print(f"[red]unknown task {task!r}; choose one of {', '.join(TASKS)}[/]")
+            raise typer.Exit(2)
+        params = get_parameters(build_model(task, seed))
+    data = encode_model(params)
+    out.write_bytes(data)
+    print(sha256_hex(data))
+
+
+@app.command()
+def evaluate(
+    task: Annotated[str, typer.Option(help="built-in task name")],
+    models: Annotated[list[Path], typer.Argument(help="safetensors files")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Accuracy of model files on the task's global held-out test split (simulations)."""
+    from client.tasks import evaluate_global
+    from coordinator.wire import decode_model
+
+    acc = [evaluate_global(task, decode_model(p.read_bytes())) for p in models]
+    if as_json:
+        print(json.dumps({"accuracy": acc}))
+    else:
+        for p, a in zip(models, acc, strict=True):
+            console.print(f"{p}: {a:.4f}")
+
+
+def main() -> None:
+    import faulthandler
+    import signal as _signal
+
+    faulthandler.register(_signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack
+    try:
+        app()
+    except BrokenPipeError:
+        sys.exit(0)

@@ -1,0 +1,46 @@
+"""Tamper-evident audit log: hash-chained, Ed25519-signed entries with RFC 6962 checkpoints.
+
+Pure core: ``canonical`` (encoding), ``entry`` (fields, hashes, payload rules), ``merkle``,
+``keys``, ``verify``, ``query``. Shell: ``store`` (SQLAlchemy + Alembic), ``bundle``
+(offline export), ``report`` (HTML), ``cli`` (``fedraft audit``).
+
+The coordinator writes through ``AuditStore.append``; auditors read through the CLI.
+"""
+
+from coordinator.audit.bundle import Bundle, BundleError, export_bundle
+from coordinator.audit.canonical import CanonicalError, canonical_bytes, normalize
+from coordinator.audit.entry import Checkpoint, Entry, PayloadError
+from coordinator.audit.keys import AuditKeyError, AuditSigner
+from coordinator.audit.store import (
+    AuditConflictError,
+    AuditError,
+    AuditGapError,
+    AuditIntegrityError,
+    AuditOrderError,
+    AuditSchemaError,
+    AuditStore,
+)
+from coordinator.audit.verify import VerifyReport, verify_log
+
+__all__ = [
+    "AuditConflictError",
+    "AuditError",
+    "AuditGapError",
+    "AuditIntegrityError",
+    "AuditKeyError",
+    "AuditOrderError",
+    "AuditSchemaError",
+    "AuditSigner",
+    "AuditStore",
+    "Bundle",
+    "BundleError",
+    "CanonicalError",
+    "Checkpoint",
+    "Entry",
+    "PayloadError",
+    "VerifyReport",
+    "canonical_bytes",
+    "export_bundle",
+    "normalize",
+    "verify_log",
+]

@@ -1,0 +1,566 @@
+"""Offline verification of an audit log (pure: no database, no network).
+
+Input is what any copy of the log holds: entries in storage order, the signed checkpoints,
+optionally a public key pinned out of band, a blob directory and a DP accountant. Checks:
+
+1. chain: seq runs 0, 1, 2, ... with no gap; each ``prev_hash`` is the previous entry's
+   hash; each ``entry_hash`` is recomputed from the canonical encoding; raft indexes rise;
+2. signatures: each entry is signed by the key in force at its seq, starting from the key in
+   the genesis entry (or the pinned key) and following ``key_rotation`` entries, each signed
+   by the key it replaces;
+3. checkpoints: each signed Merkle root is recomputed over the first ``tree_size`` entry
+   hashes and its signature checked; a log shorter than a checkpoint has lost its tail;
+4. blobs (optional): every model version named by ``model_genesis``/``round_committed``
+   is rehashed from the blob directory;
+5. privacy charges (optional): each recorded per-site epsilon is recomputed by the caller's
+   accountant and compared within a tolerance;
+6. lineage: each committed version's parent is the version committed before it, and no
+   round is committed twice (the "one version per round, one hash chain" invariant).
+
+Checking goes on past a failure, linking each entry to its predecessor's stored hash, so the
+report lists every damaged entry and names the first. An edit of a payload, a deleted,
+swapped or reordered row, a truncated tail below a checkpoint, a foreign signature and a
+replaced blob each make ``first_bad_seq`` the seq of the first affected entry.
+
+Without a pinned genesis key the log only proves it is internally consistent: whoever can
+rewrite the whole database could also have made a new key. Pin the key (from the cluster's
+configuration or an earlier export) to rule that out; keep an earlier checkpoint to detect a
+truncation past the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coordinator.audit.canonical import CanonicalError, is_sha256_hex
+from coordinator.audit.entry import (
+    ENTRY_CONTEXT,
+    GENESIS,
+    GENESIS_PREV_HASH,
+    KEY_ROTATION,
+    MODEL_GENESIS,
+    ROUND_ABORTED,
+    ROUND_COMMITTED,
+    ROUND_OPENED,
+    Checkpoint,
+    Entry,
+    PayloadError,
+    compute_entry_hash,
+    validate_payload,
+)
+from coordinator.audit.keys import (
+    ALGORITHM,
+    SignatureChecker,
+    SignatureJob,
+    key_id_for,
+    parse_public_key,
+)
+from coordinator.audit.merkle import MerkleAccumulator
+
+ChargeFn = Callable[[Mapping[str, Any]], float]
+BlobLookup = Callable[[str], Path | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Issue:
+    """One failed check: the entry (or checkpoint) it concerns and why."""
+
+    check: str
+    reason: str
+    seq: int | None = None
+    checkpoint: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInForce:
+    """A key of the rotation chain and the first seq it signs."""
+
+    key_id: str
+    public_key: str
+    from_seq: int
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    """Outcome of ``verify_log``: ok, the first bad entry, and what was checked."""
+
+    ok: bool
+    first_bad_seq: int | None
+    reason: str | None
+    bad_checkpoint: int | None
+    counts: dict[str, int]
+    issues: list[Issue]
+    keys: list[KeyInForce]
+    head_seq: int | None
+    head_hash: str | None
+    genesis_pinned: bool
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON form for ``--json`` output and exports."""
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class _State:
+    """Mutable state of one verification pass."""
+
+    issues: list[Issue] = field(default_factory=list)
+    issue_count: int = 0
+    max_issues: int = 100
+
+    def add(self, check: str, reason: str, seq: int | None = None, cp: int | None = None) -> None:
+        self.issue_count += 1
+        if len(self.issues) < self.max_issues:
+            self.issues.append(Issue(check, reason, seq, cp))
+
+
+def default_blob_lookup(directory: Path) -> BlobLookup:
+    """Find a blob named by its sha256 hex, flat (``DIR/<hex>``) or fanned out
+    (``DIR/<hex[:2]>/<hex>``), the two layouts content-addressed stores use."""
+
+    def lookup(version: str) -> Path | None:
+        for candidate in (directory / version, directory / version[:2] / version):
+            if candidate.is_file():
+                return candidate
+        return None
+
+    return lookup
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 hex of a file, streamed so a large model does not sit in memory."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_log(
+    entries: Iterable[Entry],
+    checkpoints: Iterable[Checkpoint] = (),
+    *,
+    genesis_key: bytes | str | None = None,
+    blobs: Path | str | BlobLookup | None = None,
+    require_blobs: bool = True,
+    recompute_charge: ChargeFn | None = None,
+    charge_rel_tol: float = 1e-6,
+    charge_abs_tol: float = 1e-9,
+    check_lineage: bool = True,
+    expected_size: int | None = None,
+    extra_issues: Iterable[Issue] = (),
+    max_issues: int = 100,
+    workers: int = 1,
+) -> VerifyReport:
+    """Verify entries (in storage order) and checkpoints; never raises on bad data.
+
+    ``genesis_key`` pins the genesis public key (raw bytes, hex or PEM). ``blobs`` is a
+    directory of blobs named by sha256 hex, or a lookup function; with ``require_blobs`` a
+    missing blob is a failure. ``recompute_charge`` receives one recorded charge's parameters
+    (noise_multiplier, sample_rate, steps, clip_norm, epsilon, delta) and returns epsilon.
+    ``expected_size`` is a size the log had before (from an earlier export or checkpoint); a
+    shorter log is reported as truncated. ``extra_issues`` are problems the caller found in
+    the storage itself (a store's index columns, a bundle's unreadable lines).
+    ``workers`` > 1 checks signatures in that many processes first (same result, faster
+    on large logs on a multi-core machine); 0 picks a number from the log size and CPUs.
+    """
+    state = _State(max_issues=max_issues)
+    counts = {
+        "entries": 0,
+        "signatures": 0,
+        "key_rotations": 0,
+        "rounds_opened": 0,
+        "rounds_committed": 0,
+        "rounds_aborted": 0,
+        "checkpoints": 0,
+        "blobs": 0,
+        "charges": 0,
+    }
+    warnings: list[str] = []
+    cps = sorted(checkpoints, key=lambda c: c.tree_size if type(c.tree_size) is int else -1)
+    wanted_sizes = {c.tree_size for c in cps}
+    # tree size -> (root hex, public key, key id) in force after that many entries
+    heads: dict[int, tuple[str, bytes | None, str | None]] = {}
+
+    pinned: bytes | None = None
+    if genesis_key is not None:
+        pinned = parse_public_key(genesis_key)
+    cur_key: bytes | None = pinned
+    cur_kid: str | None = key_id_for(pinned) if pinned is not None else None
+    keys: list[KeyInForce] = []
+
+    lookup: BlobLookup | None
+    if blobs is None or callable(blobs):
+        lookup = blobs
+    else:
+        lookup = default_blob_lookup(Path(blobs))
+    checked_blobs: dict[str, str | None] = {}
+
+    checker = SignatureChecker()
+    if workers != 1:
+        entries = list(entries)
+        if workers <= 0:
+            workers = auto_workers(len(entries))
+        checker.prefetch(_signature_jobs(entries, pinned), workers)
+    acc = MerkleAccumulator()
+    expected_seq = 0
+    prev_hash = GENESIS_PREV_HASH
+    prev_raft = -1
+    head_version: str | None = None
+    committed_rounds: set[int] = set()
+    last: Entry | None = None
+
+    for entry in entries:
+        position = acc.size
+        if entry.seq != expected_seq:
+            # Name the lower of the two: the missing seq, or the one that moved back.
+            gap = type(entry.seq) is int and entry.seq > expected_seq
+            state.add(
+                "sequence",
+                f"expected seq {expected_seq}, found seq {entry.seq}"
+                + (" (entries missing)" if gap else " (out of order)"),
+                expected_seq if gap or type(entry.seq) is not int else entry.seq,
+            )
+            expected_seq = entry.seq if type(entry.seq) is int else expected_seq
+        seq = entry.seq
+        intact = True
+
+        if entry.prev_hash != prev_hash:
+            state.add("chain", "prev_hash does not match the previous entry's hash", seq)
+            intact = False
+        if type(entry.raft_index) is not int or entry.raft_index <= prev_raft:
+            state.add("chain", f"raft_index {entry.raft_index} does not increase", seq)
+            intact = False
+
+        try:
+            recomputed = compute_entry_hash(
+                entry.seq, entry.kind, entry.payload, entry.raft_index, entry.prev_hash,
+                entry.key_id,
+            )
+        except (CanonicalError, TypeError) as exc:
+            recomputed = None
+            state.add("hash", f"payload has no canonical encoding: {exc}", seq)
+            intact = False
+        if recomputed is not None and recomputed != entry.entry_hash:
+            state.add("hash", "entry_hash does not match the entry's contents", seq)
+            intact = False
+
+        # Key material introduced by this entry (genesis or rotation).
+        new_key: bytes | None = None
+        if position == 0 or entry.kind in (GENESIS, KEY_ROTATION):
+            new_key = _introduced_key(entry, position, state)
+            if position == 0 and new_key is not None:
+                if pinned is not None and new_key != pinned:
+                    state.add("key", "genesis public key differs from the pinned key", seq)
+                    intact = False
+                elif pinned is None:
+                    cur_key, cur_kid = new_key, key_id_for(new_key)
+            if position == 0 and new_key is None:
+                intact = False
+
+        if cur_key is None:
+            state.add("signature", "no audit key is in force (genesis unusable)", seq)
+            intact = False
+        elif entry.key_id != cur_kid:
+            state.add(
+                "signature", f"claims key {entry.key_id!r} but key {cur_kid!r} is in force", seq
+            )
+            intact = False
+        else:
+            if _signature_ok(checker, cur_key, entry):
+                counts["signatures"] += 1
+            else:
+                state.add("signature", f"signature is not valid for key {cur_kid}", seq)
+                intact = False
+
+        if position == 0 and cur_key is not None and cur_kid is not None:
+            keys.append(KeyInForce(cur_kid, cur_key.hex(), seq))
+        if entry.kind == KEY_ROTATION and position > 0 and new_key is not None and intact:
+            cur_key, cur_kid = new_key, key_id_for(new_key)
+            keys.append(KeyInForce(cur_kid, new_key.hex(), seq + 1))
+            counts["key_rotations"] += 1
+
+        kind = entry.kind
+        if intact:
+            if kind == ROUND_OPENED:
+                counts["rounds_opened"] += 1
+            elif kind == ROUND_ABORTED:
+                counts["rounds_aborted"] += 1
+            elif kind == ROUND_COMMITTED:
+                counts["rounds_committed"] += 1
+            if kind in (MODEL_GENESIS, ROUND_COMMITTED) and lookup is not None:
+                _check_blob(entry, lookup, require_blobs, checked_blobs, counts, state)
+            if kind == ROUND_COMMITTED and recompute_charge is not None:
+                _check_charges(
+                    entry, recompute_charge, charge_rel_tol, charge_abs_tol, counts, state
+                )
+        if check_lineage and kind in (MODEL_GENESIS, ROUND_COMMITTED):
+            # A damaged entry is already reported; follow its claims without judging them
+            # so that one bad entry does not cascade into lineage issues further on.
+            head_version = _check_lineage(
+                entry, head_version, committed_rounds, state if intact else None, warnings
+            )
+
+        acc.append(_hash_bytes(entry.entry_hash))
+        if acc.size in wanted_sizes:
+            heads[acc.size] = (acc.root().hex(), cur_key, cur_kid)
+        prev_hash = entry.entry_hash
+        prev_raft = entry.raft_index if type(entry.raft_index) is int else prev_raft
+        expected_seq += 1
+        last = entry
+
+    size = acc.size
+    counts["entries"] = size
+    if size == 0:
+        warnings.append("the log is empty")
+    if pinned is None:
+        warnings.append(
+            "genesis key not pinned: the log is only shown to be self-consistent; "
+            "pass the cluster's audit public key to rule out a rewrite under a new key"
+        )
+
+    truncated_to: int | None = None
+    for cp in cps:
+        if type(cp.tree_size) is not int or cp.tree_size <= 0:
+            state.add("checkpoint", f"checkpoint has invalid tree size {cp.tree_size!r}",
+                      cp=None)
+            continue
+        if cp.tree_size > size:
+            truncated_to = max(truncated_to or 0, cp.tree_size)
+            continue
+        root_hex, key, kid = heads[cp.tree_size]
+        if cp.root_hash != root_hex:
+            state.add(
+                "checkpoint",
+                f"signed root at tree size {cp.tree_size} does not match the entries",
+                cp=cp.tree_size,
+            )
+        elif key is None or cp.key_id != kid or not _checkpoint_sig_ok(checker, key, cp):
+            state.add(
+                "checkpoint",
+                f"checkpoint at tree size {cp.tree_size} is not signed by key {kid}",
+                cp=cp.tree_size,
+            )
+        else:
+            counts["checkpoints"] += 1
+    if truncated_to is not None:
+        state.add(
+            "truncation",
+            f"log ends after {size} entries but a signed checkpoint covers {truncated_to}"
+            " (tail deleted)",
+            size,
+        )
+    if expected_size is not None and size < expected_size and (truncated_to or 0) < expected_size:
+        state.add(
+            "truncation", f"log has {size} entries, fewer than the {expected_size} expected",
+            size,
+        )
+
+    for issue in extra_issues:
+        state.add(issue.check, issue.reason, issue.seq, issue.checkpoint)
+    first: Issue | None = None
+    first_cp: Issue | None = None
+    for issue in state.issues:
+        if issue.seq is not None and (first is None or issue.seq < (first.seq or 0)):
+            first = issue
+        if issue.checkpoint is not None and (
+            first_cp is None or issue.checkpoint < (first_cp.checkpoint or 0)
+        ):
+            first_cp = issue
+    headline = first or first_cp or (state.issues[0] if state.issues else None)
+    if state.issue_count > len(state.issues):
+        warnings.append(f"{state.issue_count - len(state.issues)} further issues not listed")
+    return VerifyReport(
+        ok=state.issue_count == 0,
+        first_bad_seq=first.seq if first else None,
+        reason=headline.reason if headline else None,
+        bad_checkpoint=first_cp.checkpoint if first_cp else None,
+        counts=counts,
+        issues=state.issues,
+        keys=keys,
+        head_seq=last.seq if last else None,
+        head_hash=last.entry_hash if last else None,
+        genesis_pinned=pinned is not None,
+        warnings=warnings,
+    )
+
+
+def auto_workers(entries: int) -> int:
+    """Worker processes worth starting for a log of this size (process start-up costs
+    about as much as a few thousand signature checks)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return 1 if entries < 4000 else max(1, min(cpus or 1, 16, entries // 2000))
+
+
+def _signature_jobs(entries: Sequence[Entry], pinned: bytes | None) -> list[SignatureJob]:
+    """Each entry's signature against the key its key_id names among the keys the log (or
+    the pin) introduces. A guess made ahead of the sequential pass: that pass still decides
+    which key is in force, and checks anything the guess got wrong itself."""
+    keys: dict[str, bytes] = {}
+    if pinned is not None:
+        keys[key_id_for(pinned)] = pinned
+    for e in entries:
+        if e.kind in (GENESIS, KEY_ROTATION):
+            try:
+                key = parse_public_key(e.payload["public_key"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            keys.setdefault(key_id_for(key), key)
+    jobs = []
+    for e in entries:
+        signer_key = keys.get(e.key_id)
+        if signer_key is None or not is_sha256_hex(e.entry_hash):
+            continue
+        try:
+            signature = bytes.fromhex(e.signature)
+        except (TypeError, ValueError):
+            continue
+        jobs.append((signer_key, signature, ENTRY_CONTEXT + bytes.fromhex(e.entry_hash)))
+    return jobs
+
+
+def _hash_bytes(hex_hash: str) -> bytes:
+    """Leaf data for the Merkle tree; a malformed stored hash still occupies a leaf."""
+    if is_sha256_hex(hex_hash):
+        return bytes.fromhex(hex_hash)
+    return hashlib.sha256(repr(hex_hash).encode()).digest()
+
+
+def _signature_ok(checker: SignatureChecker, key: bytes, entry: Entry) -> bool:
+    if not is_sha256_hex(entry.entry_hash):
+        return False
+    try:
+        signature = bytes.fromhex(entry.signature)
+    except (ValueError, TypeError):
+        return False
+    return checker.check(key, signature, ENTRY_CONTEXT + bytes.fromhex(entry.entry_hash))
+
+
+def _checkpoint_sig_ok(checker: SignatureChecker, key: bytes, cp: Checkpoint) -> bool:
+    if not is_sha256_hex(cp.root_hash):
+        return False
+    try:
+        signature = bytes.fromhex(cp.signature)
+        message = cp.message()
+    except (ValueError, TypeError, CanonicalError):
+        return False
+    return checker.check(key, signature, message)
+
+
+def _introduced_key(entry: Entry, position: int, state: _State) -> bytes | None:
+    """The public key a genesis or rotation entry introduces, or None with an issue."""
+    seq = entry.seq
+    if position == 0 and entry.kind != GENESIS:
+        state.add("key", f"first entry is {entry.kind!r}, not a genesis entry", seq)
+        return None
+    if position > 0 and entry.kind == GENESIS:
+        state.add("key", "a second genesis entry", seq)
+        return None
+    try:
+        validate_payload(entry.kind, entry.payload)
+        if entry.payload["alg"] != ALGORITHM:
+            raise PayloadError(f"unsupported key algorithm {entry.payload['alg']!r}")
+        key = parse_public_key(entry.payload["public_key"])
+        if key_id_for(key) != entry.payload["key_id"]:
+            raise PayloadError("key_id does not name the public key")
+    except (PayloadError, ValueError) as exc:
+        state.add("key", f"{entry.kind} entry does not introduce a usable key: {exc}", seq)
+        return None
+    return key
+
+
+def _check_blob(
+    entry: Entry,
+    lookup: BlobLookup,
+    require: bool,
+    seen: dict[str, str | None],
+    counts: dict[str, int],
+    state: _State,
+) -> None:
+    version = entry.payload.get("version")
+    if not isinstance(version, str) or not is_sha256_hex(version):
+        state.add("blob", f"model version {version!r} is not a sha256 hex digest", entry.seq)
+        return
+    if version not in seen:
+        path = lookup(version)
+        seen[version] = sha256_file(path) if path is not None else None
+        if path is not None:
+            counts["blobs"] += 1
+    actual = seen[version]
+    if actual is None:
+        if require:
+            state.add("blob", f"blob {version[:16]}... is missing", entry.seq)
+    elif actual != version:
+        state.add(
+            "blob", f"blob {version[:16]}... hashes to {actual[:16]}... (replaced)", entry.seq
+        )
+
+
+def _check_lineage(
+    entry: Entry,
+    head: str | None,
+    committed: set[int],
+    state: _State | None,
+    warnings: list[str],
+) -> str | None:
+    payload = entry.payload
+    version = payload.get("version")
+    if entry.kind == MODEL_GENESIS:
+        return version if isinstance(version, str) else head
+    parent = payload.get("parent")
+    rnd = payload.get("round")
+    if state is None:
+        pass
+    elif head is None:
+        warnings.append(f"seq {entry.seq}: first committed version has no model_genesis entry")
+    elif parent != head:
+        state.add(
+            "lineage",
+            f"round {rnd} builds on {str(parent)[:16]}..., but the latest version is"
+            f" {head[:16]}...",
+            entry.seq,
+        )
+    if isinstance(rnd, int):
+        if rnd in committed and state is not None:
+            state.add("lineage", f"round {rnd} is committed a second time", entry.seq)
+        committed.add(rnd)
+    return version if isinstance(version, str) else head
+
+
+def _check_charges(
+    entry: Entry,
+    recompute: ChargeFn,
+    rel_tol: float,
+    abs_tol: float,
+    counts: dict[str, int],
+    state: _State,
+) -> None:
+    charges = entry.payload.get("charges") or {}
+    if not isinstance(charges, dict):
+        state.add("charge", "charges is not an object", entry.seq)
+        return
+    for site in sorted(charges):
+        params = charges[site]
+        recorded = params.get("epsilon") if isinstance(params, dict) else None
+        if not isinstance(recorded, int | float) or isinstance(recorded, bool):
+            state.add("charge", f"site {site}: no recorded epsilon", entry.seq)
+            continue
+        try:
+            recomputed = float(recompute(dict(params)))
+        except Exception as exc:  # the accountant is caller code; report, don't crash
+            state.add("charge", f"site {site}: recomputing the charge failed: {exc}", entry.seq)
+            continue
+        counts["charges"] += 1
+        if not math.isclose(recomputed, recorded, rel_tol=rel_tol, abs_tol=abs_tol):
+            state.add(
+                "charge",
+                f"site {site}: recorded epsilon {recorded!r}, recomputed {recomputed!r}",
+                entry.seq,
+            )

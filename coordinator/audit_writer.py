@@ -1,0 +1,102 @@
+"""Every node writes the audit entries of the commands its replica applies.
+
+`audit_record` is pure: the same committed command and result give the same entry on
+every node, keyed by the state machine's apply sequence number (identical on every
+replica), so appends are idempotent when the journal is replayed after a restart.
+The SQL write happens on a writer thread, never on the Raft thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import threading
+from pathlib import Path
+from typing import Any
+
+from coordinator.audit import AuditSigner, AuditStore
+
+log = logging.getLogger(__name__)
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def audit_record(command: dict[str, Any], result: dict[str, Any],
+                 state: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The (kind, payload) an applied command leaves in the audit log, if any."""
+    if not result.get("ok"):
+        return None
+    op = command.get("op")
+    if op == "enroll":
+        site = state["sites"][command["site"]]
+        return "client_enrolled", {"site": command["site"], "public_key": site["public_key"],
+                                   "epsilon": site["budget"]["epsilon"],
+                                   "delta": site["budget"]["delta"]}
+    if op == "revoke":
+        return "client_revoked", {"site": command["site"]}
+    if op == "genesis" and len(state["versions"]) == 1 and result.get("version") == command["version"]:
+        return "model_genesis", {"version": command["version"], "size": command["size"]}
+    if op == "claim" and result.get("new"):
+        return "leader_claimed", {"term": command["term"], "node": command["node"]}
+    if op == "train":
+        return "training_requested", {"rounds": command["rounds"],
+                                      "target_round": result["target_round"],
+                                      "config_digest": config_digest(state["training"]["config"])}
+    if op == "round_open":
+        r = state["round"]
+        return "round_opened", {"round": r["round"], "attempt": r["attempt"], "term": r["term"],
+                                "base": r["base"], "participants": r["participants"],
+                                "config_digest": config_digest(r["config"])}
+    if op == "round_abort":
+        a = state["history"][command["round"]]["aborted"][-1]
+        return "round_aborted", {"round": command["round"], "attempt": command["attempt"],
+                                 "term": command["term"], "reason": a["reason"],
+                                 "charges": a["charges"]}
+    if op == "round_commit":
+        c = state["history"][command["round"]]["committed"]
+        return "round_committed", {
+            "round": command["round"], "attempt": c["attempt"], "term": c["term"],
+            "version": c["version"], "parent": c["parent"], "size": command["size"],
+            "participants": c["participants"], "survivors": c["survivors"],
+            "metrics": c["metrics"], "charges": c.get("charges", {}),
+        }
+    return None
+
+
+class AuditWriter:
+    """Feeds applied commands, in apply order, into this node's SQL audit log."""
+
+    def __init__(self, url: str, signer: AuditSigner) -> None:
+        self.store = AuditStore(url, signer=signer)
+        self._queue: queue.Queue[tuple[int, str, dict[str, Any]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._thread.start()
+
+    def record(self, command: dict[str, Any], result: dict[str, Any], state: dict[str, Any]) -> None:
+        entry = audit_record(command, result, state)
+        if entry is not None:
+            self._queue.put((state["seq"], *entry))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            seq, kind, payload = item
+            try:
+                self.store.append(kind, payload, raft_index=seq)
+            except Exception:
+                log.exception("audit append failed for command %s (%s)", seq, kind)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(5)
+        self.store.close()
+
+
+def load_signer(path: Path) -> AuditSigner:
+    return AuditSigner.from_file(path)

@@ -1,0 +1,196 @@
+"""Node configuration: TOML on disk, environment overrides, errors that name the key.
+
+An environment variable FEDRAFT_<SECTION>_<KEY> (upper case) overrides `[section] key`,
+e.g. FEDRAFT_RAFT_PASSWORD keeps the Raft secret out of the file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message starts with the dotted key."""
+
+
+@dataclass(frozen=True)
+class NodeAddress:
+    id: str
+    raft: str
+    fleet: str
+    admin: str
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    self_addr: NodeAddress
+    peers: tuple[NodeAddress, ...]
+    data_dir: Path
+    ca: Path
+    cert: Path
+    key: Path
+    raft_password: str
+    election_min_s: float = 0.8
+    election_max_s: float = 1.6
+    audit_key: Path | None = None
+    audit_db: str = ""
+    fleet_workers: int = 64
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def all_nodes(self) -> tuple[NodeAddress, ...]:
+        return (self.self_addr, *self.peers)
+
+
+def _env_key(section: str, key: str) -> str:
+    return f"FEDRAFT_{section}_{key}".upper().replace("-", "_")
+
+
+class _Reader:
+    def __init__(self, data: dict[str, Any], base: Path) -> None:
+        self.data = data
+        self.base = base
+
+    def get(self, section: str, key: str, kind: type, default: Any = ...) -> Any:
+        env = os.environ.get(_env_key(section, key))
+        value = self.data.get(section, {}).get(key, default) if env is None else env
+        if value is ...:
+            raise ConfigError(f"{section}.{key}: required")
+        if env is not None and kind in (int, float):
+            try:
+                value = kind(env)
+            except ValueError:
+                raise ConfigError(f"{section}.{key}: expected {kind.__name__}") from None
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise ConfigError(f"{section}.{key}: expected {kind.__name__}, got {value!r}")
+        return value
+
+    def path(self, section: str, key: str) -> Path:
+        p = Path(self.get(section, key, str)).expanduser()
+        return p if p.is_absolute() else (self.base / p)
+
+
+def _hostport(value: Any, where: str) -> str:
+    if not isinstance(value, str) or value.count(":") < 1:
+        raise ConfigError(f"{where}: expected host:port, got {value!r}")
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{where}: expected host:port, got {value!r}")
+    return value
+
+
+def _address(raw: Any, where: str) -> NodeAddress:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table")
+    unknown = set(raw) - {"id", "raft", "fleet", "admin", "data_dir"}
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key")
+    if not isinstance(raw.get("id"), str) or not raw["id"]:
+        raise ConfigError(f"{where}.id: required")
+    return NodeAddress(
+        id=raw["id"],
+        raft=_hostport(raw.get("raft"), f"{where}.raft"),
+        fleet=_hostport(raw.get("fleet"), f"{where}.fleet"),
+        admin=_hostport(raw.get("admin"), f"{where}.admin"),
+    )
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def load_node_config(path: Path) -> NodeConfig:
+    data = read_toml(path)
+    known = {"node", "tls", "raft", "peers", "audit"}
+    for section in data:
+        if section not in known:
+            raise ConfigError(f"{section}: unknown section")
+    r = _Reader(data, Path(path).resolve().parent)
+    node = dict(data.get("node", {}))
+    for key in ("id", "raft", "fleet", "admin"):
+        env = os.environ.get(_env_key("node", key))
+        if env is not None:
+            node[key] = env
+    self_addr = _address({k: v for k, v in node.items() if k != "data_dir"}, "node")
+    peers_raw = data.get("peers", [])
+    if not isinstance(peers_raw, list):
+        raise ConfigError("peers: expected an array of tables ([[peers]])")
+    peers = tuple(_address(p, f"peers[{i}]") for i, p in enumerate(peers_raw))
+    ids = [self_addr.id, *(p.id for p in peers)]
+    if len(set(ids)) != len(ids):
+        raise ConfigError("peers: node ids must be unique")
+    password = r.get("raft", "password", str)
+    if len(password) < 16:
+        raise ConfigError("raft.password: must be at least 16 characters")
+    emin = r.get("raft", "election_min_s", float, 0.8)
+    emax = r.get("raft", "election_max_s", float, 1.6)
+    if not 0.05 <= emin < emax:
+        raise ConfigError("raft.election_max_s: must exceed raft.election_min_s (>= 0.05)")
+    data_dir = r.path("node", "data_dir")
+    audit_db = r.get("audit", "db", str, f"sqlite:///{data_dir / 'audit.db'}")
+    if "://" not in audit_db:
+        raise ConfigError("audit.db: expected a SQLAlchemy URL (sqlite:///... or postgresql+psycopg://...)")
+    return NodeConfig(
+        self_addr=self_addr,
+        peers=peers,
+        data_dir=data_dir,
+        audit_key=r.path("audit", "key"),
+        audit_db=audit_db,
+        ca=r.path("tls", "ca"),
+        cert=r.path("tls", "cert"),
+        key=r.path("tls", "key"),
+        raft_password=password,
+        election_min_s=emin,
+        election_max_s=emax,
+    )
+
+
+def render_node_config(
+    self_addr: NodeAddress,
+    peers: list[NodeAddress],
+    data_dir: Path,
+    ca: Path,
+    cert: Path,
+    key: Path,
+    election: tuple[float, float] = (0.8, 1.6),
+    audit_key: Path | None = None,
+) -> str:
+    """A node.toml for the given layout; the Raft password comes from the environment."""
+    lines = [
+        "[node]",
+        f'id = "{self_addr.id}"',
+        f'data_dir = "{data_dir}"',
+        f'raft = "{self_addr.raft}"',
+        f'fleet = "{self_addr.fleet}"',
+        f'admin = "{self_addr.admin}"',
+        "",
+        "[tls]",
+        f'ca = "{ca}"',
+        f'cert = "{cert}"',
+        f'key = "{key}"',
+        "",
+        "[raft]",
+        "# password: set FEDRAFT_RAFT_PASSWORD (shared by all nodes, >= 16 characters)",
+        f"election_min_s = {election[0]}",
+        f"election_max_s = {election[1]}",
+        "",
+        "[audit]",
+        "# the cluster's audit signing key (Ed25519 PEM), the same on every node",
+        f'key = "{audit_key or data_dir / "audit-key.pem"}"',
+        "# db defaults to sqlite:///<data_dir>/audit.db; PostgreSQL: postgresql+psycopg://...",
+    ]
+    for p in peers:
+        lines += ["", "[[peers]]", f'id = "{p.id}"', f'raft = "{p.raft}"',
+                  f'fleet = "{p.fleet}"', f'admin = "{p.admin}"']
+    return "\n".join(lines) + "\n"

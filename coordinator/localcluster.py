@@ -1,0 +1,290 @@
+"""A whole federation on one machine, as real processes on 127.0.0.1.
+
+Used by `fedraft demo`, the tests and the simulations: a throwaway CA, N node
+processes (`fedraft node start`), site agents (`fedraft-client run`) each with its own
+identity key and certificate. It ends only the processes it started, by pid.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from coordinator import pki, wire
+from coordinator.admin_client import AdminClient, OperatorConfig, Refused, Unreachable
+from coordinator.audit import AuditSigner
+from coordinator.config import NodeAddress, render_node_config
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM when the launcher dies, so no process outlives a
+    killed demo or test run."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    log: Path
+    popen: subprocess.Popen | None = None
+
+    def start(self, env: dict[str, str]) -> None:
+        fh = open(self.log, "ab")
+        self.popen = subprocess.Popen(self.argv, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                      stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        fh.close()
+
+    @property
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive:
+            os.kill(self.popen.pid, sig)  # type: ignore[union-attr]
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if not self.alive:
+            return
+        self.signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)  # type: ignore[union-attr]
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.popen.wait(5)  # type: ignore[union-attr]
+
+
+@dataclass
+class LocalCluster:
+    root: Path
+    num_nodes: int = 3
+    election: tuple[float, float] = (0.8, 1.6)
+    nodes: list[NodeAddress] = field(default_factory=list)
+    node_procs: dict[str, Proc] = field(default_factory=dict)
+    site_procs: dict[str, Proc] = field(default_factory=dict)
+    site_keys: dict[str, Ed25519PrivateKey] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.ca_dir = self.root / "ca"
+        self.password = secrets.token_hex(24)
+        self.env = {**os.environ, "FEDRAFT_RAFT_PASSWORD": self.password,
+                    "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+        if not (self.ca_dir / "ca.pem").exists():
+            pki.init_ca(self.ca_dir)
+        self.operator = pki.issue(self.ca_dir, self.root / "operator", "operator", "operator")
+        self.audit_key = self.root / "audit-key.pem"
+        if not self.audit_key.exists():
+            AuditSigner.generate().save(self.audit_key)
+        ports = free_ports(3 * self.num_nodes)
+        for i in range(self.num_nodes):
+            r, f, a = ports[3 * i: 3 * i + 3]
+            self.nodes.append(NodeAddress(f"n{i + 1}", f"127.0.0.1:{r}", f"127.0.0.1:{f}",
+                                          f"127.0.0.1:{a}"))
+        for node in self.nodes:
+            d = self.root / node.id
+            ident = pki.issue(self.ca_dir, d / "tls", "node", node.id)
+            (d / "node.toml").write_text(render_node_config(
+                node, [p for p in self.nodes if p != node], d / "data", ident.ca, ident.cert,
+                ident.key, self.election, self.audit_key))
+            self.node_procs[node.id] = Proc(
+                node.id, [sys.executable, "-m", "coordinator", "node", "start", "--config",
+                          str(d / "node.toml")], d / "node.log")
+        self.admin = AdminClient(OperatorConfig(tuple(n.admin for n in self.nodes), self.operator),
+                                 timeout=10)
+
+    # ------------------------------------------------------------ nodes
+
+    def start_nodes(self) -> None:
+        for p in self.node_procs.values():
+            p.start(self.env)
+
+    def start_node(self, node_id: str) -> None:
+        self.node_procs[node_id].start(self.env)
+
+    def kill_node(self, node_id: str, sig: int = signal.SIGKILL) -> None:
+        p = self.node_procs[node_id]
+        p.signal(sig)
+        if sig == signal.SIGKILL and p.popen is not None:
+            p.popen.wait(5)
+
+    def admin_of(self, node_id: str) -> str:
+        return next(n.admin for n in self.nodes if n.id == node_id)
+
+    def status(self, node_id: str) -> dict[str, Any] | None:
+        try:
+            return self.admin.call("Status", endpoint=self.admin_of(node_id))
+        except (Unreachable, Refused):
+            return None
+
+    def leader(self) -> str | None:
+        """The node that is leader and has claimed its term, per the alive nodes."""
+        for n in self.nodes:
+            if not self.node_procs[n.id].alive:
+                continue
+            s = self.status(n.id)
+            if s and s["raft"]["state"] == "leader" and s["state"]["fence_term"] == s["raft"]["term"]:
+                return n.id
+        return None
+
+    def wait_leader(self, timeout: float = 30.0, exclude: str | None = None) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            leader = self.leader()
+            if leader and leader != exclude:
+                return leader
+            time.sleep(0.1)
+        raise TimeoutError("no leader elected")
+
+    def round_status(self) -> dict[str, Any]:
+        ep = None
+        leader = self.leader()
+        if leader:
+            ep = self.admin_of(leader)
+        return self.admin.call("RoundStatus", endpoint=ep)
+
+    def wait_round(self, target: int, timeout: float = 60.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                st = self.admin.call("RoundStatus")
+                if st["last_round"] >= target:
+                    return st
+            except (Unreachable, Refused):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"round {target} not committed in {timeout}s")
+            time.sleep(0.2)
+
+    # ------------------------------------------------------------ sites
+
+    def add_site(self, site: str, enroll: bool = True,
+                 budget: tuple[float, float] | None = None) -> Ed25519PrivateKey:
+        key = Ed25519PrivateKey.generate()
+        d = self.root / "sites" / site
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "identity.pem").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        pki.issue(self.ca_dir, d / "tls", "client", site)
+        self.site_keys[site] = key
+        if enroll:
+            msg = {"site": site, "public_key": wire.public_key_hex(key)}
+            if budget is not None:
+                msg |= {"epsilon": budget[0], "delta": budget[1]}
+            self.admin.call("Enroll", msg)
+        return key
+
+    def site_tls(self, site: str) -> tuple[bytes, bytes, bytes]:
+        d = self.root / "sites" / site / "tls"
+        return ((self.ca_dir / "ca.pem").read_bytes(), (d / f"{site}.pem").read_bytes(),
+                (d / f"{site}.key").read_bytes())
+
+    def write_site_config(self, site: str, task: str, partition: int, num_partitions: int,
+                          split: str = "dirichlet", alpha: float = 0.5, seed: int = 0,
+                          flower_app: str | None = None,
+                          privacy: dict[str, float] | None = None) -> Path:
+        d = self.root / "sites" / site
+        nodes = ", ".join(f'"{n.fleet}"' for n in self.nodes)
+        text = f"""[site]
+id = "{site}"
+nodes = [{nodes}]
+state_dir = "{d / 'state'}"
+identity_key = "{d / 'identity.pem'}"
+poll_wait_s = 5.0
+
+[tls]
+ca = "{self.ca_dir / 'ca.pem'}"
+cert = "{d / 'tls' / (site + '.pem')}"
+key = "{d / 'tls' / (site + '.key')}"
+
+[task]
+{f'flower_app = "{flower_app}"' if flower_app else f'name = "{task}"'}
+device = "auto"
+seed = {seed}
+
+[data]
+dataset = "{task}"
+partition = {partition}
+num_partitions = {num_partitions}
+split = "{split}"
+alpha = {alpha}
+seed = {seed}
+"""
+        if privacy:
+            text += "\n[privacy]\n" + "".join(f"{k} = {v!r}\n" for k, v in privacy.items())
+        (d / "site.toml").write_text(text)
+        return d / "site.toml"
+
+    def start_site(self, site: str, config: Path) -> None:
+        d = self.root / "sites" / site
+        proc = Proc(site, [sys.executable, "-m", "client", "run", "--config", str(config)],
+                    d / "agent.log")
+        self.site_procs[site] = proc
+        proc.start(self.env)
+
+    def init_model(self, task: str, seed: int = 0, flower_app: str | None = None) -> str:
+        path = self.root / "genesis.safetensors"
+        source = ["--flower-app", flower_app] if flower_app else ["--task", task]
+        subprocess.run([sys.executable, "-m", "client", "init-model", *source, "--seed",
+                        str(seed), "-o", str(path)], check=True, env=self.env,
+                       stdout=subprocess.DEVNULL)
+        return self.admin.call("InitModel", {"data": path.read_bytes()})["version"]
+
+    def export_versions(self, hashes: list[str], out_dir: Path) -> list[Path]:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for h in hashes:
+            data = self.admin.call("GetBlob", {"hash": h})["data"]
+            if wire.sha256_hex(data) != h:
+                raise ValueError(f"blob {h} does not match its hash")
+            p = out_dir / f"{h}.safetensors"
+            p.write_bytes(data)
+            paths.append(p)
+        return paths
+
+    def audit_db(self, node_id: str) -> str:
+        return f"sqlite:///{self.root / node_id / 'data' / 'audit.db'}"
+
+    def audit_public_key(self) -> Path:
+        path = self.root / "audit-key.pub"
+        if not path.exists():
+            path.write_text(AuditSigner.from_file(self.audit_key).public_key_hex + "\n")
+        return path
+
+    def blob_dir(self, node_id: str) -> Path:
+        return self.root / node_id / "data" / "blobs"
+
+    def stop(self) -> None:
+        for p in list(self.site_procs.values()) + list(self.node_procs.values()):
+            p.stop()
+        self.admin.close()

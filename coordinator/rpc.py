@@ -1,0 +1,85 @@
+"""gRPC over mutual TLS with msgpack bodies: the transport shared by every API.
+
+We use gRPC (HTTP/2) for its mature mTLS, deadlines, flow control and multiplexing,
+but register generic handlers with msgpack (de)serialisers instead of protobuf code
+generation: the schema lives in one Python module (`coordinator.wire`) that the site
+agent can import without generated code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from coordinator import pki, wire
+
+log = logging.getLogger(__name__)
+
+
+def channel(address: str, identity: pki.Identity) -> wire.Channel:
+    """A client channel authenticated with one party's TLS material."""
+    return wire.Channel(address, *identity.read())
+
+
+
+@dataclass(frozen=True)
+class Caller:
+    name: str
+    role: str
+
+
+Handler = Callable[[dict[str, Any], Caller], dict[str, Any]]
+
+
+def _caller(context: grpc.ServicerContext) -> Caller:
+    pems = context.auth_context().get("x509_pem_cert") or []
+    if not pems:
+        return Caller("", "")
+    name, role = pki.subject_of(pems[0])
+    return Caller(name, role)
+
+
+def _wrap(handler: Handler, roles: frozenset[str]) -> Callable[[bytes, Any], bytes]:
+    def call(request: bytes, context: grpc.ServicerContext) -> bytes:
+        caller = _caller(context)
+        if caller.role not in roles:
+            return wire.pack(wire.error(
+                "forbidden", f"role {caller.role or 'none'!r} may not call this method"))
+        try:
+            message = wire.unpack(request)
+            return wire.pack(handler(message, caller))
+        except wire.WireError as exc:
+            return wire.pack(wire.error(exc.code, exc.message))
+        except Exception:
+            log.exception("handler failed")
+            return wire.pack(wire.error("internal", "internal error; see the node's log"))
+
+    return call
+
+
+def make_server(
+    identity: pki.Identity,
+    bind: str,
+    services: dict[str, dict[str, tuple[Handler, frozenset[str]]]],
+    workers: int = 64,
+) -> grpc.Server:
+    """A started-ready (not yet started) mTLS gRPC server hosting `services`."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+                         options=wire.GRPC_OPTIONS)
+    for service, methods in services.items():
+        handlers = {
+            name: grpc.unary_unary_rpc_method_handler(_wrap(fn, roles))
+            for name, (fn, roles) in methods.items()
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    ca, cert, key = identity.read()
+    creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                        require_client_auth=True)
+    if server.add_secure_port(bind, creds) == 0:
+        raise OSError(f"cannot bind {bind}")
+    return server

@@ -1,0 +1,226 @@
+"""Auditor CLI and offline bundles, through typer's CliRunner, with exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import Result
+from sqlalchemy import text
+from typer.testing import CliRunner
+
+from coordinator.audit import AuditSigner, AuditStore, Bundle
+from coordinator.audit.cli import audit_app
+
+from .conftest import Backend, Built, build_log, toy_epsilon
+
+runner = CliRunner(env={"COLUMNS": "200"})
+
+
+@pytest.fixture
+def logged(tmp_path: Path, signer: AuditSigner) -> tuple[str, Built]:
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    with AuditStore(url, signer=signer, checkpoint_every=8) as store:
+        built = build_log(store, blob_dir=tmp_path / "blobs", epsilon=toy_epsilon)
+    return url, built
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> Result:
+    return runner.invoke(audit_app, list(args), env=env)
+
+
+def test_rounds_table_and_json(logged: tuple[str, Built]) -> None:
+    url, _ = logged
+    result = run("rounds", "--db", url)
+    assert result.exit_code == 0, result.output
+    assert "committed" in result.stdout and "aborted" not in result.stdout  # r3 retried fine
+    result = run("rounds", "--db", url, "--since", "3", "--until", "5", "--json")
+    rows = json.loads(result.stdout)
+    assert [r["round"] for r in rows] == [3, 4, 5] and rows[0]["attempts"] == 2
+    rows = json.loads(run("rounds", "--db", url, "--site", "site-00", "--json").stdout)
+    assert [r["round"] for r in rows] == [2, 4, 6, 8, 10, 12]
+
+
+def test_database_from_environment(logged: tuple[str, Built]) -> None:
+    url, _ = logged
+    result = run("rounds", "--json", env={"FEDRAFT_AUDIT_DB": url})
+    assert result.exit_code == 0 and len(json.loads(result.stdout)) == 12
+
+
+def test_show_round(logged: tuple[str, Built]) -> None:
+    url, built = logged
+    result = run("show", "3", "--db", url)
+    assert result.exit_code == 0, result.output
+    assert "stage masked_input timed out" in result.stdout and built.versions[3] in result.stdout
+    detail = json.loads(run("show", "3", "--db", url, "--json").stdout)
+    assert [a["status"] for a in detail["attempts"]] == ["aborted", "committed"]
+    assert set(detail["attempts"][1]["charges"]) == {"site-01", "site-02", "site-03", "site-04"}
+    missing = run("show", "99", "--db", url)
+    assert missing.exit_code == 1 and "not in the log" in missing.stderr
+
+
+def test_model_lineage(logged: tuple[str, Built]) -> None:
+    url, built = logged
+    result = run("model", built.versions[4][:12], "--db", url, "--json")
+    assert result.exit_code == 0, result.output
+    chain = json.loads(result.stdout)
+    assert [e["payload"]["version"] for e in chain] == built.versions[4::-1]
+    assert run("model", built.versions[4], "--db", url).exit_code == 0
+    unknown = run("model", "f" * 64, "--db", url)
+    assert unknown.exit_code == 1 and "no model version" in unknown.stderr
+
+
+def test_verify_exit_codes(logged: tuple[str, Built], signer: AuditSigner,
+                           other_signer: AuditSigner, tmp_path: Path) -> None:
+    url, built = logged
+    ok = run("verify", "--db", url, "--key", signer.public_key_hex, "--blobs",
+             str(tmp_path / "blobs"), "--accountant", "tests.audit.conftest:toy_epsilon")
+    assert ok.exit_code == 0, ok.output
+    assert "OK" in ok.stdout and "13 blobs" in ok.stdout and "48 privacy charges" in ok.stdout
+    report = json.loads(run("verify", "--db", url, "--json").stdout)
+    assert report["ok"] is True and report["counts"]["entries"] > 30
+    wrong_key = run("verify", "--db", url, "--key", other_signer.public_key_hex)
+    assert wrong_key.exit_code == 1 and "seq 0" in wrong_key.stdout
+
+    target = built.seq_of_round[5]
+    store = AuditStore(url, migrate=False)
+    with store.engine.begin() as conn:
+        conn.execute(text("DROP TRIGGER audit_entries_no_update"))
+        conn.execute(text("UPDATE audit_entries SET payload = replace(payload, "
+                          "'\"survivors\":[\"site-01\"', '\"survivors\":[\"site-09\"') "
+                          "WHERE seq = :s"), {"s": target})
+    store.close()
+    bad = run("verify", "--db", url)
+    assert bad.exit_code == 1
+    assert f"first bad entry is seq {target}" in bad.stdout
+    bad_json = json.loads(run("verify", "--db", url, "--json").stdout)
+    assert bad_json["ok"] is False and bad_json["first_bad_seq"] == target
+
+
+def test_usage_errors_exit_2(tmp_path: Path, logged: tuple[str, Built]) -> None:
+    url, _ = logged
+    assert run("verify").exit_code == 2
+    assert run("verify", "--db", url, "--bundle", str(tmp_path)).exit_code == 2
+    assert run("verify", "--db", f"sqlite:///{tmp_path / 'absent.db'}").exit_code == 2
+    unreachable = run("verify", "--db", "postgresql+psycopg://nobody@127.0.0.1:1/none")
+    assert unreachable.exit_code == 2 and "cannot open" in unreachable.stderr
+    assert run("verify", "--db", "nonsense://x").exit_code == 2
+    empty = tmp_path / "other.db"
+    AuditStore(f"sqlite:///{tmp_path / 'x.db'}").close()
+    import sqlite3
+
+    sqlite3.connect(empty).execute("create table t (x int)").connection.commit()
+    assert run("rounds", "--db", f"sqlite:///{empty}").exit_code == 2
+    assert run("verify", "--bundle", str(tmp_path)).exit_code == 2  # not a bundle
+    assert run("verify", "--db", url, "--key", "zz").exit_code == 2
+    assert run("verify", "--db", url, "--accountant", "no_such_module:f").exit_code == 2
+    assert run("rounds", "--db", url, "--since", "x").exit_code == 2
+
+
+def test_export_and_offline_verify(logged: tuple[str, Built], signer: AuditSigner,
+                                   tmp_path: Path) -> None:
+    url, built = logged
+    out = tmp_path / "bundle"
+    result = run("export", "--db", url, "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} == {
+        "entries.jsonl", "checkpoints.jsonl", "keys.json", "manifest.json"}
+    keys = json.loads((out / "keys.json").read_text())
+    assert keys[0]["public_key"] == signer.public_key_hex
+    ok = run("verify", "--bundle", str(out), "--key", signer.public_key_hex,
+             "--blobs", str(tmp_path / "blobs"))
+    assert ok.exit_code == 0, ok.output
+    rows = json.loads(run("rounds", "--bundle", str(out), "--json").stdout)
+    assert len(rows) == 12
+    assert run("model", built.versions[12][:8], "--bundle", str(out)).exit_code == 0
+    # a bundle can be re-exported and still verifies
+    again = tmp_path / "again"
+    assert run("export", "--bundle", str(out), "-o", str(again)).exit_code == 0
+    assert Bundle(again).verify(genesis_key=signer.public_key).ok
+
+
+def _bundle(url: str, tmp_path: Path) -> tuple[Path, list[str]]:
+    out = tmp_path / "b"
+    assert run("export", "--db", url, "-o", str(out)).exit_code == 0
+    return out, (out / "entries.jsonl").read_text().splitlines(keepends=True)
+
+
+def test_bundle_edits_are_named(logged: tuple[str, Built], tmp_path: Path) -> None:
+    url, built = logged
+    out, lines = _bundle(url, tmp_path)
+    path = out / "entries.jsonl"
+    target = built.seq_of_round[6]
+
+    edited = list(lines)
+    entry = json.loads(edited[target])
+    entry["payload"]["metrics"]["accuracy"] = 1.0
+    edited[target] = json.dumps(entry) + "\n"
+    path.write_text("".join(edited))
+    report = Bundle(out).verify()
+    assert report.first_bad_seq == target and any("changed since export" in w
+                                                  for w in report.warnings)
+
+    swapped = list(lines)
+    swapped[5], swapped[9] = swapped[9], swapped[5]
+    path.write_text("".join(swapped))
+    result = run("verify", "--bundle", str(out), "--json")
+    assert result.exit_code == 1 and json.loads(result.stdout)["first_bad_seq"] == 5
+
+    path.write_text("".join(lines[:-2]))  # tail cut above the last checkpoint
+    report = Bundle(out).verify()
+    assert not report.ok and report.first_bad_seq == len(lines) - 2
+
+    garbled = list(lines)
+    garbled[7] = "{not json\n"
+    path.write_text("".join(garbled))
+    report = Bundle(out).verify()
+    assert not report.ok and report.first_bad_seq == 7
+
+
+def test_report_html(logged: tuple[str, Built], signer: AuditSigner, tmp_path: Path) -> None:
+    url, _ = logged
+    target = tmp_path / "report.html"
+    result = run("report", "--db", url, "-o", str(target), "--key", signer.public_key_hex)
+    assert result.exit_code == 0, result.output
+    doc = target.read_text()
+    assert doc.startswith("<!DOCTYPE html>") and doc.count("<svg") >= 3
+    assert "accuracy by round" in doc and "cumulative epsilon by site" in doc
+    assert "log verifies" in doc and "site-05" in doc
+    assert "http" not in doc.replace('xmlns="http://www.w3.org/2000/svg"', "")
+
+
+def test_cli_on_both_databases(backend: Backend, signer: AuditSigner, tmp_path: Path) -> None:
+    store = backend.open(signer=signer, checkpoint_every=8)
+    build_log(store)
+    result = run("verify", "--db", backend.cli_url, "--key", signer.public_key_hex)
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(run("rounds", "--db", backend.cli_url, "--json").stdout)) == 12
+    out = tmp_path / "bundle"
+    assert run("export", "--db", backend.cli_url, "-o", str(out)).exit_code == 0
+    assert run("verify", "--bundle", str(out), "--key", signer.public_key_hex).exit_code == 0
+    assert run("report", "--db", backend.cli_url, "-o", str(tmp_path / "r.html")).exit_code == 0
+
+
+def test_accountant_mismatch_fails(logged: tuple[str, Built]) -> None:
+    url, built = logged
+    result = run("verify", "--db", url, "--accountant", "math:fsum", "--json")
+    # math.fsum over a dict's keys fails for every charge: reported, not crashed
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["first_bad_seq"] == built.seq_of_round[1]
+    _ = toy_epsilon
+
+
+def test_markup_in_recorded_text_is_printed_verbatim(tmp_path: Path, signer: AuditSigner) -> None:
+    url = f"sqlite:///{tmp_path / 'odd.db'}"
+    with AuditStore(url, signer=signer) as store:
+        store.append("round_opened", {"round": 1, "attempt": 0, "term": 1, "base": "a" * 64,
+                                      "participants": ["[red]", "[/]"], "config_digest": "x"},
+                     1)
+        store.append("round_aborted", {"round": 1, "attempt": 0, "term": 1,
+                                       "reason": "[/] closed [bold]early"}, 2)
+    shown = run("show", "1", "--db", url)
+    assert shown.exit_code == 0, shown.output
+    assert "[/] closed [bold]early" in shown.stdout and "[red], [/]" in shown.stdout
+    assert run("rounds", "--db", url).exit_code == 0
+    assert run("verify", "--db", url).exit_code == 0

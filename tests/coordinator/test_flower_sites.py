@@ -1,0 +1,40 @@
+"""Sites that bring their own Flower ClientApp, hosted in-process by the agent."""
+
+import re
+
+from coordinator import wire
+from coordinator.localcluster import LocalCluster
+
+APP = "client.examples.flower_breast_cancer:app"
+
+
+def test_flower_clientapp_sites_train_in_long_lived_agents(tmp_path):
+    c = LocalCluster(tmp_path, num_nodes=3, election=(0.6, 1.2))
+    c.start_nodes()
+    try:
+        c.wait_leader(30)
+        sites = ["flower-0", "flower-1", "flower-2"]
+        for s in sites:
+            c.add_site(s)
+        genesis = c.init_model("", flower_app=APP)
+        for i, s in enumerate(sites):
+            c.start_site(s, c.write_site_config(s, "", i, 3, "iid", flower_app=APP))
+        c.admin.call("Train", {"rounds": 3, "config": {
+            "fraction": 1.0, "min_clients": 2, "lr": 0.1, "local_epochs": 2,
+            "compression": 2.0, "online_wait_s": 20.0}})
+        st = c.wait_round(3, timeout=120)
+        versions = [v["hash"] for v in st["versions"]]
+        assert versions[0] == genesis and len(set(versions)) == 4
+        first = st["history"]["1"]["committed"]["metrics"]["base_accuracy"]
+        last = st["history"]["3"]["committed"]["metrics"]["base_accuracy"]
+        assert last > first, (first, last)
+        # the Flower app's own tensor names travel unchanged
+        names = set(wire.decode_model(c.admin.call("GetBlob", {"hash": versions[-1]})["data"]))
+        assert names == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+        # one agent process per site served every round: no process per message
+        for s in sites:
+            assert c.site_procs[s].alive
+            log = (tmp_path / "sites" / s / "agent.log").read_text()
+            assert len(re.findall(r"round \d+\.\d+: accepted", log)) == 3
+    finally:
+        c.stop()

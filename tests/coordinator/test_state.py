@@ -1,0 +1,230 @@
+"""The replicated state machine on its own: fencing, idempotency, round order."""
+
+import copy
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from coordinator.state import apply, head, initial_state, last_round
+
+H0, H1, H2 = "0" * 64, "1" * 64, "2" * 64
+KEY_A, KEY_B, KEY_C = "a" * 64, "b" * 64, "c" * 64
+
+
+def _cluster() -> dict:
+    s = initial_state()
+    for site, key in (("site-a", KEY_A), ("site-b", KEY_B), ("site-c", KEY_C)):
+        assert apply(s, {"op": "enroll", "site": site, "public_key": key})["ok"]
+    assert apply(s, {"op": "genesis", "version": H0, "size": 10, "holders": ["n1", "n2"],
+                     "cluster_size": 3})["ok"]
+    assert apply(s, {"op": "claim", "term": 5, "node": "n1"})["ok"]
+    assert apply(s, {"op": "train", "rounds": 2, "config": {"min_clients": 2}})["ok"]
+    return s
+
+
+def _open(s, term=5, rnd=1, attempt=1, base=H0, sites=("site-a", "site-b")):
+    return apply(s, {"op": "round_open", "term": term, "round": rnd, "attempt": attempt,
+                     "base": base, "participants": list(sites), "seed": "ab"})
+
+
+def _commit(s, term=5, rnd=1, attempt=1, version=H1, parent=H0, survivors=("site-a", "site-b")):
+    return apply(s, {"op": "round_commit", "term": term, "round": rnd, "attempt": attempt,
+                     "version": version, "parent": parent, "size": 10,
+                     "survivors": list(survivors), "metrics": {"loss": 0.5},
+                     "holders": ["n1", "n2"], "cluster_size": 3})
+
+
+def _domain(s):
+    d = copy.deepcopy(s)
+    for k in ("seq", "requests", "request_order"):
+        d.pop(k)
+    return d
+
+
+def test_round_lifecycle_builds_one_hash_chain():
+    s = _cluster()
+    assert _open(s)["ok"]
+    assert _commit(s)["ok"]
+    assert _open(s, rnd=2, base=H1)["ok"]
+    assert _commit(s, rnd=2, version=H2, parent=H1)["ok"]
+    assert [v["hash"] for v in s["versions"]] == [H0, H1, H2]
+    assert [v["parent"] for v in s["versions"]] == [None, H0, H1]
+    assert last_round(s) == 2 and head(s) == H2
+    # target reached: no further round may open
+    r = _open(s, rnd=3, base=H2)
+    assert not r["ok"] and r["code"] == "no_training"
+
+
+def test_stale_term_rejected_and_state_unchanged():
+    s = _cluster()
+    assert apply(s, {"op": "claim", "term": 6, "node": "n2"})["ok"]
+    before = _domain(s)
+    r = _open(s, term=5)
+    assert r == {"ok": False, "code": "stale_term", "error": r["error"]}
+    assert _domain(s) == before
+    assert not apply(s, {"op": "claim", "term": 4, "node": "n1"})["ok"]
+    assert _domain(s) == before
+    assert _open(s, term=6)["ok"]
+
+
+def test_unclaimed_term_and_term_taken():
+    s = _cluster()
+    assert _open(s, term=7)["code"] == "unclaimed_term"
+    assert apply(s, {"op": "claim", "term": 5, "node": "n9"})["code"] == "term_taken"
+    assert apply(s, {"op": "claim", "term": 5, "node": "n1"})["ok"]  # idempotent re-claim
+
+
+def test_deposed_leader_cannot_commit_open_round():
+    s = _cluster()
+    assert _open(s)["ok"]
+    assert apply(s, {"op": "claim", "term": 6, "node": "n2"})["ok"]
+    r = _commit(s, term=5)
+    assert not r["ok"] and r["code"] == "stale_term"
+    assert last_round(s) == 0
+    assert apply(s, {"op": "round_abort", "term": 6, "round": 1, "attempt": 1,
+                     "reason": "leader_change"})["ok"]
+    assert _open(s, term=6, attempt=1)["code"] == "wrong_attempt"
+    assert _open(s, term=6, attempt=2)["ok"]
+    assert _commit(s, term=6, attempt=2)["ok"]
+    assert s["history"][1]["aborted"][0]["reason"] == "leader_change"
+    assert s["history"][1]["committed"]["attempt"] == 2
+
+
+def test_repeated_request_id_applied_once():
+    s = _cluster()
+    cmd = {"op": "round_open", "term": 5, "round": 1, "attempt": 1, "base": H0,
+           "participants": ["site-a", "site-b"], "seed": "x", "request_id": "req-1"}
+    first = apply(s, dict(cmd))
+    again = apply(s, dict(cmd))
+    assert first["ok"] and again == first
+    assert s["attempts"][1] == 1
+    commit = {"op": "round_commit", "term": 5, "round": 1, "attempt": 1, "version": H1,
+              "parent": H0, "size": 1, "survivors": ["site-a", "site-b"], "metrics": {},
+              "holders": ["n1", "n2"], "cluster_size": 3, "request_id": "req-2"}
+    assert apply(s, dict(commit))["ok"]
+    assert apply(s, dict(commit))["ok"]  # the retry sees the first result, not "no open round"
+    assert len(s["versions"]) == 2
+
+
+def test_out_of_order_round_transitions_rejected():
+    s = _cluster()
+    assert _commit(s)["code"] == "no_open_round"
+    assert _open(s, rnd=2)["code"] == "wrong_round"
+    assert _open(s)["ok"]
+    assert _open(s)["code"] == "round_in_progress"
+    assert _commit(s, rnd=1, attempt=2)["code"] == "wrong_round"
+    assert _commit(s, parent=H2)["code"] == "wrong_base"
+    assert _commit(s, survivors=("site-a", "site-z"))["code"] in ("malformed", "unknown_site")
+    assert _commit(s, survivors=("site-a",))["code"] == "too_few"
+    assert apply(s, {"op": "round_abort", "term": 5, "round": 1, "attempt": 9,
+                     "reason": "x"})["code"] == "wrong_round"
+    assert _commit(s)["ok"]
+    assert _commit(s)["code"] == "no_open_round"
+
+
+def test_commit_needs_blob_quorum():
+    s = _cluster()
+    assert _open(s)["ok"]
+    r = apply(s, {"op": "round_commit", "term": 5, "round": 1, "attempt": 1, "version": H1,
+                  "parent": H0, "size": 10, "survivors": ["site-a", "site-b"],
+                  "holders": ["n1"], "cluster_size": 3})
+    assert r["code"] == "no_quorum"
+
+
+def test_revoked_and_unknown_sites_cannot_participate():
+    s = _cluster()
+    assert apply(s, {"op": "revoke", "site": "site-c"})["ok"]
+    assert _open(s, sites=("site-a", "site-c"))["code"] == "unknown_site"
+    assert _open(s, sites=("site-a", "ghost"))["code"] == "unknown_site"
+    assert apply(s, {"op": "enroll", "site": "site-c", "public_key": "d" * 64})["code"] == "exists"
+    assert apply(s, {"op": "enroll", "site": "site-d", "public_key": KEY_A})["code"] == "exists"
+
+
+@pytest.mark.parametrize("cmd", [
+    None, [], {"op": "nope"}, {"op": "enroll", "site": "bad id!", "public_key": KEY_A},
+    {"op": "enroll", "site": "ok", "public_key": "XYZ"},
+    {"op": "train", "rounds": 0}, {"op": "train", "rounds": 2, "config": {"bogus": 1}},
+    {"op": "train", "rounds": 2, "config": {"lr": float("nan")}},
+    {"op": "train", "rounds": 2, "config": {"fraction": 2.0}},
+    {"op": "round_open", "term": "5"}, {"op": "claim", "term": True, "node": "n"},
+])
+def test_bad_commands_change_nothing(cmd):
+    s = _cluster()
+    before = _domain(s)
+    r = apply(s, cmd)
+    assert r["ok"] is False and r["code"] and r["error"]
+    assert _domain(s) == before
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(["open", "commit", "abort", "claim", "train"]), max_size=30),
+       st.integers(0, 2**31))
+def test_replicas_applying_the_same_log_agree(ops, salt):
+    """Determinism: two replicas fed the same command log end in the same state."""
+    log = []
+    s = _cluster()
+    term = 5
+    for i, op in enumerate(ops):
+        r, a = last_round(s) + 1, s["attempts"].get(last_round(s) + 1, 0)
+        if op == "claim":
+            term += 1
+            cmd = {"op": "claim", "term": term, "node": f"n{term}"}
+        elif op == "open":
+            cmd = {"op": "round_open", "term": term, "round": r, "attempt": a + 1,
+                   "base": head(s), "participants": ["site-a", "site-b"], "seed": str(salt)}
+        elif op == "commit":
+            cmd = {"op": "round_commit", "term": term, "round": r, "attempt": a,
+                   "version": f"{(salt + i) % 16:x}" * 64, "parent": head(s), "size": 3,
+                   "survivors": ["site-a", "site-b"], "holders": ["n1", "n2"],
+                   "cluster_size": 3}
+        elif op == "abort":
+            cmd = {"op": "round_abort", "term": term, "round": r, "attempt": a, "reason": "t"}
+        else:
+            cmd = {"op": "train", "rounds": 1}
+        log.append(cmd)
+        apply(s, copy.deepcopy(cmd))
+    replica = _cluster()
+    for cmd in log:
+        apply(replica, copy.deepcopy(cmd))
+    assert replica == s
+    hashes = [v["hash"] for v in s["versions"]]
+    assert len(hashes) == len(set(hashes))
+    for prev, v in zip(s["versions"], s["versions"][1:], strict=False):
+        assert v["parent"] == prev["hash"] and v["round"] == prev["round"] + 1
+
+
+def _charge(eps, total, delta=1e-5):
+    return {"noise_multiplier": 1.1, "sample_rate": 0.2, "steps": 10, "clip_norm": 1.0,
+            "epsilon": eps, "delta": delta, "epsilon_total": total}
+
+
+def test_privacy_ledger_charges_commits_and_aborts_and_caps_spend():
+    s = _cluster()
+    assert apply(s, {"op": "enroll", "site": "site-d", "public_key": "d" * 64,
+                     "epsilon": 1.0, "delta": 1e-5})["ok"]
+    assert _open(s, sites=("site-a", "site-d"))["ok"]
+    # an aborted attempt is charged too
+    assert apply(s, {"op": "round_abort", "term": 5, "round": 1, "attempt": 1, "reason": "x",
+                     "charges": {"site-d": _charge(0.4, 0.4)}})["ok"]
+    assert s["sites"]["site-d"]["spent"] == 0.4
+    assert _open(s, attempt=2, sites=("site-a", "site-d"))["ok"]
+    before = _domain(s)
+    over = apply(s, {"op": "round_commit", "term": 5, "round": 1, "attempt": 2, "version": H1,
+                     "parent": H0, "size": 10, "survivors": ["site-a", "site-d"],
+                     "holders": ["n1", "n2"], "cluster_size": 3,
+                     "charges": {"site-d": _charge(0.7, 1.1)}})
+    assert over["code"] == "overspend" and _domain(s) == before
+    for bad in ({"site-b": _charge(0.1, 0.1)}, {"site-d": _charge(0.1, 0.3)},
+                {"site-d": _charge(0.1, 0.5, delta=1e-3)}, {"site-d": {"epsilon": 1}}):
+        r = apply(s, {"op": "round_commit", "term": 5, "round": 1, "attempt": 2, "version": H1,
+                      "parent": H0, "size": 10, "survivors": ["site-a", "site-d"],
+                      "holders": ["n1", "n2"], "cluster_size": 3, "charges": bad})
+        assert r["code"] == "malformed", bad
+    assert _domain(s) == before
+    assert apply(s, {"op": "round_commit", "term": 5, "round": 1, "attempt": 2, "version": H1,
+                     "parent": H0, "size": 10, "survivors": ["site-a", "site-d"],
+                     "holders": ["n1", "n2"], "cluster_size": 3,
+                     "charges": {"site-d": _charge(0.5, 0.9)}})["ok"]
+    d = s["sites"]["site-d"]
+    assert d["spent"] == 0.9 and [c["attempt"] for c in d["charges"]] == [1, 2]
