@@ -55,7 +55,8 @@ def _trainer_from_config(cfg):  # type: ignore[no-untyped-def]
     return DPTorchTrainer(trainer, epsilon=p["epsilon"], delta=p.get("delta", 1e-5),
                           planned_rounds=p.get("planned_rounds", 10),
                           state_path=cfg.state_dir / "dp-accountant.json",
-                          clip_norm=p.get("clip_norm", 1.0))
+                          clip_norm=p.get("clip_norm", 1.0), sample_rate=p.get("sample_rate"),
+                          local_epochs=p.get("local_epochs"))
 
 
 @app.command()
@@ -164,6 +165,9 @@ def main() -> None:
     import signal as _signal
 
     faulthandler.register(_signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack
+    from coordinator.lifeline import bind_to_parent
+
+    bind_to_parent()
     try:
         app()
     except BrokenPipeError:

@@ -36,7 +36,8 @@ _SECTIONS = {
     "site": {"id": str, "nodes": list, "state_dir": str, "identity_key": str, "poll_wait_s": float},
     "tls": {"ca": str, "cert": str, "key": str},
     "task": {"name": str, "flower_app": str, "device": str, "seed": int, "threads": int},
-    "privacy": {"epsilon": float, "delta": float, "planned_rounds": int, "clip_norm": float},
+    "privacy": {"epsilon": float, "delta": float, "planned_rounds": int, "clip_norm": float,
+                "sample_rate": float, "local_epochs": int},
     "data": {"dataset": str, "partition": int, "num_partitions": int, "split": str, "alpha": float,
              "seed": int},
 }

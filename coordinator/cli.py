@@ -477,6 +477,9 @@ def main() -> None:
     import signal as _signal
 
     faulthandler.register(_signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack
+    from coordinator.lifeline import bind_to_parent
+
+    bind_to_parent()
     logging.getLogger("pysyncobj").setLevel(logging.WARNING)
     try:
         app()

@@ -21,7 +21,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from coordinator import pki, wire
+from coordinator import lifeline, pki, wire
 from coordinator.admin_client import AdminClient, OperatorConfig, Refused, Unreachable
 from coordinator.audit import AuditSigner
 from coordinator.config import NodeAddress, render_node_config
@@ -39,17 +39,6 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def _die_with_parent() -> None:
-    """Linux: the child gets SIGTERM when the launcher dies, so no process outlives a
-    killed demo or test run."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 @dataclass
 class Proc:
     name: str
@@ -59,8 +48,8 @@ class Proc:
 
     def start(self, env: dict[str, str]) -> None:
         fh = open(self.log, "ab")
-        self.popen = subprocess.Popen(self.argv, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                      stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        self.popen = subprocess.Popen(self.argv, stdout=fh, stderr=subprocess.STDOUT,
+                                      env=lifeline.child_env(env), stdin=subprocess.DEVNULL)
         fh.close()
 
     @property

@@ -73,6 +73,8 @@ class Setting:
     ema: float = 0.0  # the released model is an EMA of the global models (0: off)
     plain_lr: float = 0.05  # non-private row: the task defaults otherwise
     momentum: float = 0.0  # local SGD momentum under DP
+    sparsity: int = SPARSITY  # one coordinate in `sparsity` is sent
+    data_seed: int = -1  # >= 0: fixed split and initial model; seeds then vary DP noise only
 
 
 SETTINGS: dict[str, Setting] = {
@@ -197,7 +199,7 @@ def run_one(run: Run, rounds_override: int | None = None) -> dict[str, Any]:
             num_sites=s.num_sites,
             method=run.split,
             alpha=ALPHA,
-            seed=run.seed,
+            seed=run.seed if s.data_seed < 0 else s.data_seed,
             device="cpu",
         )
         for i in range(s.num_sites)
@@ -229,7 +231,7 @@ def run_one(run: Run, rounds_override: int | None = None) -> dict[str, Any]:
     names = list(params)
     global_vec = _flatten(params, names)
     dim = global_vec.shape[0]
-    k = dim // SPARSITY
+    k = dim // s.sparsity
     weight_cap = float(sum(counts))  # public bound: no site holds more than all records
     codec = FixedPointCodec(clip=s.value_clip, n_clients=s.num_sites, max_weight=1.0)
     residual: list[np.ndarray | None] = [None] * s.num_sites
