@@ -298,7 +298,8 @@ class RoundWork:
             term=task["term"], seed=bytes.fromhex(task["seed"]), participants=task["participants"],
             dim=self.base_vec.size, last_global_change=change, compression=cfg["compression"],
             clip=cfg["clip"], max_weight=cfg["max_examples"], secure=cfg["secure_aggregation"],
-            threshold=cfg["threshold"], error_feedback=cfg["error_feedback"])
+            threshold=cfg["threshold"], error_feedback=cfg["error_feedback"],
+            residual_decay=cfg.get("residual_decay", 1.0))
         self.client: secagg.SecAggClient | None = None
         if self.plan.secagg is not None:
             keys = {s: bytes.fromhex(k) for s, k in task["identity_keys"].items()}

@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -256,6 +257,22 @@ def _round_config(clients: int | None, fraction: float | None, min_clients: int 
     return {k: v for k, v in pairs.items() if v is not None}
 
 
+def _parse_settings(items: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` pairs, each VALUE read as a TOML value (0.9, true, 10); the cluster
+    checks keys and types and names a bad one."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            raise ConfigError(f"--set {item!r}: {raw!r} is not a number, true/false or a "
+                              "quoted string") from None
+    return out
+
+
 def follow_rounds(c: AdminClient, target: int, timeout: float, show: bool) -> dict[str, Any]:
     """Poll round status until `target` is committed; a live progress bar when `show`."""
     deadline = time.monotonic() + timeout
@@ -298,6 +315,9 @@ def round_start(
     lr: Annotated[float | None, typer.Option()] = None,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     collect_timeout: Annotated[float | None, typer.Option(help="seconds for updates")] = None,
+    settings: Annotated[list[str] | None, typer.Option(
+        "--set", help="any round configuration key, KEY=VALUE (repeatable), e.g. "
+        "--set compression=100 --set residual_decay=0.9")] = None,
     wait: Annotated[bool, typer.Option(help="follow progress until the rounds commit")] = True,
     timeout: Annotated[float, typer.Option(help="seconds to follow before giving up")] = 3600,
     config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt = None, cert: CertOpt = None,
@@ -305,8 +325,13 @@ def round_start(
 ) -> None:
     """Ask the cluster for N more rounds and follow them with a live progress display."""
     c = _client(config, admin, ca, cert, key)
-    cfg = _round_config(clients, fraction, min_clients, local_epochs, lr, batch_size,
-                        collect_timeout)
+    try:
+        extra = _parse_settings(settings or [])
+    except ConfigError as exc:
+        err.print(f"[red]configuration error:[/] {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
+    cfg = extra | _round_config(
+        clients, fraction, min_clients, local_epochs, lr, batch_size, collect_timeout)
     r = _run(lambda: c.call("Train", {"rounds": rounds, "config": cfg}))
     target = r["target_round"]
     if not wait:

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TASK_KEYS = ("local_epochs", "lr", "batch_size", "secure_aggregation", "compression",
-             "error_feedback", "clip", "max_examples", "threshold")
+             "error_feedback", "clip", "max_examples", "threshold", "residual_decay")
 TRAINING_STAGES = ("collect", "masked")
 
 
@@ -336,7 +336,7 @@ class RoundDriver:
         except AggregationAbort as exc:
             self._abort(term, rnd, attempt, f"aggregation_failed: {exc}"[:200])
             return
-        new_vec = ServerSGD(1.0)(base_vec, mean_delta)
+        new_vec = ServerSGD(config["server_lr"])(base_vec, mean_delta)
         blob = wire.encode_model(wire.unflatten(new_vec, base_params))
         digest = wire.sha256_hex(blob)
         session.phase = "replicate"
@@ -420,4 +420,5 @@ def round_plan(federation: str, rnd: int, attempt: int, term: int, seed: str,
         seed=bytes.fromhex(seed), participants=participants, dim=dim,
         last_global_change=change, compression=config["compression"], clip=config["clip"],
         max_weight=config["max_examples"], secure=config["secure_aggregation"],
-        threshold=config["threshold"], error_feedback=config["error_feedback"])
+        threshold=config["threshold"], error_feedback=config["error_feedback"],
+        residual_decay=config["residual_decay"])

@@ -42,6 +42,8 @@ DEFAULT_ROUND_CONFIG: dict[str, Any] = {
     "compression": 10.0,  # upload 1/compression of the coordinates (1.0: dense)
     "error_feedback": True,
     "clip": 0.5,  # per-coordinate clip of the sent update
+    "residual_decay": 1.0,  # error feedback keeps this share of what was not sent (<= 1)
+    "server_lr": 1.0,  # new global = base + server_lr * weighted mean update (1: FedAvg)
     "max_examples": 10000.0,  # example weight cap (weights are encoded in (0, 1])
     "threshold": 0,  # SecAgg+ threshold; 0 picks degree // 2 + 1
 }
@@ -226,6 +228,8 @@ def validate_round_config(value: Any, base: dict[str, Any]) -> dict[str, Any]:
         raise Rejected("bad_config", "min_clients, local_epochs and batch_size must be >= 1")
     if out["compression"] < 1.0:
         raise Rejected("bad_config", "round config 'compression' must be >= 1")
+    if out["residual_decay"] > 1.0:
+        raise Rejected("bad_config", "round config 'residual_decay' must be in (0, 1]")
     if out["secure_aggregation"] and out["min_clients"] < 2:
         raise Rejected("bad_config", "secure aggregation needs min_clients >= 2")
     if out["clients"] and out["clients"] < out["min_clients"]:

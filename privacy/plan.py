@@ -29,6 +29,7 @@ class RoundPlan:
     error_feedback: bool
     codec: FixedPointCodec | None
     secagg: SecAggParams | None
+    residual_decay: float = 1.0
 
     @property
     def k(self) -> int:
@@ -51,8 +52,15 @@ def make_round_plan(
     secure: bool,
     threshold: int = 0,
     error_feedback: bool = True,
+    residual_decay: float = 1.0,
 ) -> RoundPlan:
-    """compression 1 sends every coordinate; c > 1 sends ceil(dim / c) public ones."""
+    """compression 1 sends every coordinate; c > 1 sends ceil(dim / c) public ones.
+
+    ``residual_decay`` < 1 bounds the error-feedback residual: at high compression a
+    coordinate waits many rounds between sends, and a residual of all of them landing
+    at once swings the model (simulations/bench_compression.py measures it)."""
+    if not 0.0 < residual_decay <= 1.0:
+        raise ValueError(f"residual_decay must be in (0, 1], got {residual_decay}")
     if compression <= 1:
         indices = np.arange(dim, dtype=np.int64)
     else:
@@ -71,7 +79,8 @@ def make_round_plan(
             graph_seed=hashlib.sha256(b"graph" + seed).digest(),
             degree=degree,
         )
-    return RoundPlan(dim, indices, float(clip), float(max_weight), error_feedback, codec, secagg)
+    return RoundPlan(dim, indices, float(clip), float(max_weight), error_feedback, codec, secagg,
+                     float(residual_decay))
 
 
 @dataclass(frozen=True)
@@ -87,14 +96,19 @@ def sparsify_update(delta: np.ndarray, residual: np.ndarray | None, plan: RoundP
                     num_examples: int) -> SiteUpdate:
     """error feedback -> projection onto the public index set -> per-coordinate clip.
 
-    The clipped-off part and the unsent coordinates return to the residual. The weight
+    The clipped-off part and the unsent coordinates return to the residual (times the
+    plan's ``residual_decay``). The weight
     is the example count capped at max_weight, scaled into (0, 1].
     """
     corrected = delta.astype(np.float64)
     if plan.error_feedback and residual is not None:
         corrected = apply_error_feedback(corrected, residual)
     clipped, _ = clip_values(project(corrected, plan.indices), plan.clip)
-    res = new_residual(corrected, plan.indices, clipped) if plan.error_feedback else None
+    res = None
+    if plan.error_feedback:
+        res = new_residual(corrected, plan.indices, clipped)
+        if plan.residual_decay != 1.0:
+            res *= plan.residual_decay
     weight = min(float(num_examples), plan.max_weight) / plan.max_weight
     return SiteUpdate(values=clipped, weight=weight, residual=res)
 

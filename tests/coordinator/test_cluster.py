@@ -5,8 +5,11 @@ The tests share one cluster and run in file order, each leaving it with 3 live n
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import grpc
@@ -306,3 +309,32 @@ def test_every_node_writes_the_same_verifiable_audit_log(cluster):
             assert time.monotonic() < deadline, f"{n.id} audit log incomplete"
             time.sleep(0.3)
     assert heads[0] == heads[1] == heads[2]
+
+
+def _fedraft(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess:
+    ident = cluster.operator
+    env = {**cluster.env, "FEDRAFT_ADMIN": ",".join(n.admin for n in cluster.nodes),
+           "FEDRAFT_CA": str(ident.ca), "FEDRAFT_CERT": str(ident.cert), "FEDRAFT_KEY": str(ident.key)}
+    return subprocess.run([sys.executable, "-m", "coordinator", *args], capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def test_round_start_cli_sets_any_round_key(cluster):
+    before = cluster.admin.call("RoundStatus")
+    bad = _fedraft(cluster, "round", "start", "--rounds", "1", "--set", "no_such_key=1", "--json")
+    assert bad.returncode == 1 and "no_such_key" in bad.stdout + bad.stderr
+    malformed = _fedraft(cluster, "round", "start", "--set", "residual_decay", "--json")
+    assert malformed.returncode == 2 and "KEY=VALUE" in malformed.stdout + malformed.stderr
+    out_of_range = _fedraft(cluster, "round", "start", "--set", "residual_decay=1.5", "--json")
+    assert out_of_range.returncode == 1 and "residual_decay" in out_of_range.stdout + out_of_range.stderr
+    # refused requests changed nothing
+    assert cluster.admin.call("RoundStatus")["target_round"] == before["target_round"]
+
+    ok = _fedraft(cluster, "round", "start", "--rounds", "1", "--set", "residual_decay=0.9",
+                  "--set", "server_lr=1.5", "--set", "compression=4.0", "--json")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    summary = json.loads(ok.stdout.strip().splitlines()[-1])
+    assert summary["last_round"] == summary["target_round"] == before["last_round"] + 1
+    st = cluster.admin.call("RoundStatus")
+    assert st["config"]["residual_decay"] == 0.9 and st["config"]["server_lr"] == 1.5
+    assert_one_chain(st["versions"])
