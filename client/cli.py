@@ -11,8 +11,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -20,24 +21,30 @@ from rich.console import Console
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
-from client.config import SiteConfigError, load_site_config  # noqa: E402
+from client.config import SiteConfig, SiteConfigError, load_site_config  # noqa: E402
+
+if TYPE_CHECKING:
+    from client.training import LocalTrainer
 
 app = typer.Typer(help="fedraft site agent: train locally, share only protected updates.",
                   no_args_is_help=True)
 console = Console()
 err = Console(stderr=True)
+log = logging.getLogger(__name__)
 
 
-def _trainer_from_config(cfg):  # type: ignore[no-untyped-def]
+def _trainer_from_config(cfg: SiteConfig) -> LocalTrainer:
     if cfg.flower_app:
         from client.flower_host import FlowerAppTrainer
 
+        if cfg.privacy:
+            _check_client_level_privacy(cfg.privacy)
         node_config = {"partition-id": cfg.data.get("partition", 0),
                        "num-partitions": cfg.data.get("num_partitions", 1)}
-        if cfg.privacy:
-            raise SiteConfigError("privacy: record-level DP-SGD is built in for the built-in "
-                                  "tasks only; a Flower app must add its own (not yet wired)")
-        return FlowerAppTrainer(cfg.flower_app, run_config={}, node_config=node_config)
+        hosted = FlowerAppTrainer(cfg.flower_app, run_config={}, node_config=node_config)
+        if not cfg.privacy:
+            return hosted
+        return _client_level_dp(cfg, hosted)
     from client.tasks import make_trainer
 
     d = cfg.data
@@ -57,6 +64,36 @@ def _trainer_from_config(cfg):  # type: ignore[no-untyped-def]
                           state_path=cfg.state_dir / "dp-accountant.json",
                           clip_norm=p.get("clip_norm", 1.0), sample_rate=p.get("sample_rate"),
                           local_epochs=p.get("local_epochs"))
+
+
+def _check_client_level_privacy(p: Mapping[str, Any]) -> None:
+    """A Flower app trains by itself, so only [privacy] keys of client-level DP apply;
+    record-level keys would silently promise what is not done."""
+    for key in ("sample_rate", "local_epochs"):
+        if key in p:
+            raise SiteConfigError(f"privacy.{key}: applies to record-level DP-SGD of built-in "
+                                  "tasks; a Flower app gets client-level DP (its whole update "
+                                  "is clipped and noised once a round)")
+    if "epsilon" not in p:
+        raise SiteConfigError("privacy.epsilon: required for client-level DP of a Flower app")
+
+
+def _client_level_dp(cfg: SiteConfig, hosted: LocalTrainer) -> LocalTrainer:
+    from client.client_dp import ClientLevelDPTrainer
+
+    p = cfg.privacy
+    # Same ledger file as DP-SGD: one site, one history, as on the replicated ledger.
+    trainer = ClientLevelDPTrainer(hosted, epsilon=p["epsilon"], delta=p.get("delta", 1e-5),
+                                   planned_rounds=p.get("planned_rounds", 10),
+                                   state_path=cfg.state_dir / "dp-accountant.json",
+                                   clip_norm=p.get("clip_norm", 1.0))
+    log.warning("privacy: site %s hosts a Flower app, so its DP guarantee is CLIENT-LEVEL "
+                "(the whole update of each round clipped to L2 norm %g, Gaussian noise "
+                "multiplier %.3f), not record-level: epsilon %g, delta %g over %d planned "
+                "rounds (spent so far %.3f)", cfg.site_id, trainer.clip_norm,
+                trainer.noise_multiplier, trainer.epsilon_budget, trainer.delta,
+                p.get("planned_rounds", 10), trainer.epsilon_spent)
+    return trainer
 
 
 @app.command()
