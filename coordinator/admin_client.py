@@ -102,6 +102,14 @@ class AdminClient:
             return reply
         raise Unreachable("no admin endpoint answered: " + "; ".join(errors))
 
+    def set_budget(self, site: str, epsilon: float, delta: float | None = None) -> dict[str, Any]:
+        """Set an enrolled site's privacy budget (operator certificates only); raises
+        Refused below what the site has spent, or for a new delta after its first charge."""
+        message: dict[str, Any] = {"site": site, "epsilon": epsilon}
+        if delta is not None:
+            message["delta"] = delta
+        return self.call("SetBudget", message)
+
     def leader_endpoint(self) -> str | None:
         status = self.call("Status")
         return status.get("leader_admin")

@@ -27,8 +27,11 @@ def config_digest(config: dict[str, Any]) -> str:
 
 def audit_record(command: dict[str, Any], result: dict[str, Any],
                  state: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-    """The (kind, payload) an applied command leaves in the audit log, if any."""
-    if not result.get("ok"):
+    """The (kind, payload) an applied command leaves in the audit log, if any.
+
+    A retried command (same request id) is applied once: its replays leave nothing.
+    """
+    if not result.get("ok") or result.get("replayed"):
         return None
     op = command.get("op")
     if op == "enroll":
@@ -36,6 +39,14 @@ def audit_record(command: dict[str, Any], result: dict[str, Any],
         return "client_enrolled", {"site": command["site"], "public_key": site["public_key"],
                                    "epsilon": site["budget"]["epsilon"],
                                    "delta": site["budget"]["delta"]}
+    if op == "set_budget" and result.get("changed"):
+        old, new = result["old_budget"], result["budget"]
+        payload = {"site": result["site"], "epsilon": new["epsilon"], "delta": new["delta"],
+                   "old_epsilon": old["epsilon"], "old_delta": old["delta"],
+                   "spent": result["spent"]}
+        if result.get("operator"):
+            payload["operator"] = result["operator"]
+        return "budget_changed", payload
     if op == "revoke":
         return "client_revoked", {"site": command["site"]}
     if op == "genesis" and len(state["versions"]) == 1 and result.get("version") == command["version"]:

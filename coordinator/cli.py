@@ -28,7 +28,8 @@ EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 1, 2, 3, 4
 app = typer.Typer(help="fedraft coordinator: nodes, sites, rounds, models.", no_args_is_help=True)
 node_app = typer.Typer(help="Run a coordinator node.", no_args_is_help=True)
 cluster_app = typer.Typer(help="Inspect the Raft cluster.", no_args_is_help=True)
-client_app = typer.Typer(help="Enroll, list and revoke client sites.", no_args_is_help=True)
+client_app = typer.Typer(help="Enroll, list and revoke client sites; set their budgets.",
+                         no_args_is_help=True)
 round_app = typer.Typer(help="Start and follow training rounds.", no_args_is_help=True)
 model_app = typer.Typer(help="Upload the genesis model, export versions.", no_args_is_help=True)
 certs_app = typer.Typer(help="A federation CA and role certificates.", no_args_is_help=True)
@@ -179,6 +180,31 @@ def client_enroll(
     r = _run(lambda: c.call("Enroll", {"site": site, "public_key": _read_key(public_key),
                                        "epsilon": epsilon, "delta": delta}))
     _emit(r) if as_json else console.print(f"enrolled [bold]{site}[/]")
+
+
+@client_app.command("budget")
+def client_budget(
+    site: Annotated[str, typer.Argument(help="an enrolled site id")],
+    epsilon: Annotated[float, typer.Option(help="the site's new privacy budget epsilon (not "
+                                           "below what it has spent)")],
+    delta: Annotated[float | None, typer.Option(help="a new delta; only before the site's "
+                                                "first charge (default: keep it)")] = None,
+    config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt = None, cert: CertOpt = None,
+    key: KeyOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Change a site's privacy budget; the change is recorded in the audit log."""
+    c = _client(config, admin, ca, cert, key)
+    r = _run(lambda: c.set_budget(site, epsilon, delta))
+    if as_json:
+        _emit(r)
+    elif not r.get("changed", True):
+        console.print(f"budget of [bold]{site}[/] unchanged: epsilon {epsilon:g}, "
+                      f"delta {r['budget']['delta']:g}")
+    else:
+        old, new = r["old_budget"], r["budget"]
+        console.print(f"budget of [bold]{site}[/]: epsilon {old['epsilon']:g} -> "
+                      f"{new['epsilon']:g}, delta {old['delta']:g} -> {new['delta']:g} "
+                      f"(spent {r['spent']:.4g})")
 
 
 @client_app.command("revoke")

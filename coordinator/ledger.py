@@ -9,10 +9,31 @@ are computed in a worker process, started as soon as a site's DP parameters arri
 from __future__ import annotations
 
 import multiprocessing
+from collections.abc import Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
+from privacy.accounting import DPStep
+
 CHARGE_FIELDS = ("noise_multiplier", "sample_rate", "steps", "clip_norm")
+
+
+def dp_step(params: Mapping[str, Any]) -> DPStep:
+    """A recorded charge's DP parameters as the accountant's ``DPStep``.
+
+    Shared with the audit verifier (``coordinator.audit.charges``) so that the leader and
+    an auditor feed the accountant exactly the same values.
+    """
+    return DPStep(float(params["noise_multiplier"]), float(params["sample_rate"]),
+                  int(params["steps"]), float(params["clip_norm"]))
+
+
+def charge_increase(total: float, spent: float) -> float:
+    """The recorded ``epsilon`` of a charge: the rise of the site's cumulative epsilon.
+
+    PRV totals do not add up, so the increase is a difference of totals (never negative).
+    """
+    return max(0.0, total - spent)
 
 
 def compute_charge(history: list[dict[str, float]], step: dict[str, float], delta: float,
@@ -20,15 +41,11 @@ def compute_charge(history: list[dict[str, float]], step: dict[str, float], delt
     """The ledger entry for one more run: its increase and the new cumulative epsilon."""
     from privacy import accounting
 
-    def as_step(c: dict[str, float]) -> accounting.DPStep:
-        return accounting.DPStep(float(c["noise_multiplier"]), float(c["sample_rate"]),
-                                 int(c["steps"]), float(c["clip_norm"]))
-
-    run = as_step(step)
-    total = accounting.epsilon_spent([*map(as_step, history), run], delta)
+    run = dp_step(step)
+    total = accounting.epsilon_spent([*map(dp_step, history), run], delta)
     return {"noise_multiplier": run.noise_multiplier, "sample_rate": run.sample_rate,
             "steps": float(run.steps), "clip_norm": run.clip_norm, "delta": delta,
-            "epsilon": max(0.0, total - spent), "epsilon_total": total}
+            "epsilon": charge_increase(total, spent), "epsilon_total": total}
 
 
 def can_afford_another(history: list[dict[str, float]], delta: float, budget: float) -> bool:
@@ -43,7 +60,7 @@ class ChargeCalculator:
     def __init__(self, workers: int = 1) -> None:
         self._pool = ProcessPoolExecutor(max_workers=workers,
                                          mp_context=multiprocessing.get_context("spawn"))
-        self._afford: dict[tuple[str, int], bool] = {}
+        self._afford: dict[tuple[str, int, float, float], bool] = {}
 
     def submit(self, site_record: dict[str, Any], reported: dict[str, float]) -> Future | None:
         """Start the charge for a site's reported `dp_*` metrics; None when it reported none."""
@@ -55,10 +72,14 @@ class ChargeCalculator:
                                  site_record["spent"])
 
     def affordable(self, records: dict[str, dict[str, Any]], timeout: float = 60.0) -> set[str]:
-        """Sites whose budget pays another round like their last (cached per history)."""
+        """Sites whose budget pays another round like their last.
+
+        Cached per history and budget: an operator's budget change (``set_budget``) must
+        make an exhausted site eligible again.
+        """
         out, pending = set(), {}
         for site, rec in records.items():
-            key = (site, len(rec["charges"]))
+            key = (site, len(rec["charges"]), rec["budget"]["epsilon"], rec["budget"]["delta"])
             if key in self._afford:
                 if self._afford[key]:
                     out.add(site)

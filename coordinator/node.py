@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 ADMIN_WRITERS = frozenset({"operator", "node"})
 ADMIN_READERS = frozenset({"operator", "node", "auditor"})
+OPERATOR_ONLY = frozenset({"operator"})  # people's decisions no node ever makes itself
 NODE_ONLY = frozenset({"node"})
 FLEET_CALLERS = frozenset({"client"})
 
@@ -90,6 +91,7 @@ class Node:
                 "GetBlob": (self.admin_get_blob, ADMIN_READERS),
                 "Enroll": (self.admin_enroll, ADMIN_WRITERS),
                 "Revoke": (self.admin_revoke, ADMIN_WRITERS),
+                "SetBudget": (self.admin_set_budget, OPERATOR_ONLY),
                 "InitModel": (self.admin_init_model, ADMIN_WRITERS),
                 "Train": (self.admin_train, ADMIN_WRITERS),
                 "Stop": (self.admin_stop, ADMIN_WRITERS),
@@ -314,6 +316,17 @@ class Node:
         for budget in ("epsilon", "delta"):
             if budget in msg:
                 command[budget] = msg[budget]
+        return self._submit(command)
+
+    def admin_set_budget(self, msg: dict[str, Any], caller: rpc.Caller) -> dict[str, Any]:
+        """Change a site's privacy budget; the state machine checks it against the spend.
+
+        The operator's certificate name goes into the command, so the audit log says who.
+        """
+        command = {"op": "set_budget", "site": msg.get("site"), "epsilon": msg.get("epsilon"),
+                   "operator": caller.name, "request_id": msg.get("request_id")}
+        if msg.get("delta") is not None:
+            command["delta"] = msg["delta"]
         return self._submit(command)
 
     def admin_revoke(self, msg: dict[str, Any], caller: rpc.Caller) -> dict[str, Any]:

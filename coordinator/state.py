@@ -274,7 +274,7 @@ def _op_enroll(state: State, cmd: Command) -> Result:
 
 
 def _budget(cmd: Command) -> dict[str, float]:
-    """A site's (epsilon, delta) privacy budget, set at enrollment."""
+    """A site's (epsilon, delta) privacy budget, set at enrollment or by `set_budget`."""
     eps = cmd.get("epsilon", DEFAULT_EPSILON)
     delta = cmd.get("delta", DEFAULT_DELTA)
     for name, v in (("epsilon", eps), ("delta", delta)):
@@ -285,6 +285,39 @@ def _budget(cmd: Command) -> dict[str, float]:
     if not 0 < delta < 1:
         raise Rejected("malformed", "delta must be in (0, 1)")
     return {"epsilon": float(eps), "delta": float(delta)}
+
+
+def _op_set_budget(state: State, cmd: Command) -> Result:
+    """Change an enrolled site's privacy budget (an operator's decision, audited).
+
+    Epsilon may go down only as far as the site has already spent: below that the ledger
+    would hold a site over its budget. Delta may change only before the first charge,
+    since every recorded `epsilon_total` is accounted at the budget's delta and would not
+    be comparable with a budget at another one. Setting the current budget again is
+    accepted and reported as unchanged.
+    """
+    site = _site_id(cmd.get("site"))
+    rec = state["sites"].get(site)
+    if rec is None:
+        raise Rejected("unknown_site", f"site {site!r} is not enrolled")
+    if rec["revoked"]:
+        raise Rejected("revoked", f"site {site!r} is revoked; its budget is closed")
+    if "epsilon" not in cmd:
+        raise Rejected("malformed", "missing field 'epsilon'")
+    operator = cmd.get("operator")
+    if operator is not None and not (isinstance(operator, str) and len(operator) <= 128):
+        raise Rejected("malformed", "operator must be a name of at most 128 characters")
+    old = dict(rec["budget"])
+    new = _budget({"epsilon": cmd["epsilon"], "delta": cmd.get("delta", old["delta"])})
+    if new["delta"] != old["delta"] and rec["charges"]:
+        raise Rejected("delta_in_use", f"site {site!r} has been charged at delta {old['delta']:g}; "
+                       "its delta can no longer change")
+    if new["epsilon"] < rec["spent"]:
+        raise Rejected("below_spent", f"site {site!r} has already spent epsilon "
+                       f"{rec['spent']:.6g}; a budget of {new['epsilon']:.6g} would be below it")
+    rec["budget"] = new
+    return {"site": site, "budget": new, "old_budget": old, "spent": rec["spent"],
+            "changed": new != old, "operator": operator}
 
 
 def _op_revoke(state: State, cmd: Command) -> Result:
@@ -448,6 +481,7 @@ OPS: dict[str, Callable[[State, Command], Result]] = {
     "barrier": _op_barrier,
     "claim": _op_claim,
     "enroll": _op_enroll,
+    "set_budget": _op_set_budget,
     "revoke": _op_revoke,
     "genesis": _op_genesis,
     "train": _op_train,
@@ -468,8 +502,9 @@ def _remember(state: State, request_id: str, result: Result) -> None:
 def apply(state: State, command: Command) -> Result:
     """Apply one command; returns {"ok": True, ...} or {"ok": False, "code", "error"}.
 
-    A command with a `request_id` seen before returns the first result again and
-    changes nothing, so callers may retry after a timeout or a leader change.
+    A command with a `request_id` seen before returns the first result again, marked
+    `"replayed": True`, and changes nothing, so callers may retry after a timeout or a
+    leader change; the mark keeps hooks (the audit log) from recording the command twice.
     """
     state["seq"] += 1
     if not isinstance(command, dict):
@@ -479,7 +514,7 @@ def apply(state: State, command: Command) -> Result:
         if not isinstance(request_id, str) or not 0 < len(request_id) <= 128:
             return {"ok": False, "code": "malformed", "error": "bad request_id"}
         if request_id in state["requests"]:
-            return copy.deepcopy(state["requests"][request_id])
+            return {**copy.deepcopy(state["requests"][request_id]), "replayed": True}
     op = OPS.get(command.get("op"))  # type: ignore[arg-type]
     if op is None:
         result: Result = {"ok": False, "code": "unknown_op", "error": f"unknown op {command.get('op')!r}"}

@@ -1,7 +1,8 @@
 """Tamper-evident audit log: hash-chained, Ed25519-signed entries with RFC 6962 checkpoints.
 
 Pure core: ``canonical`` (encoding), ``entry`` (fields, hashes, payload rules), ``merkle``,
-``keys``, ``verify``, ``query``. Shell: ``store`` (SQLAlchemy + Alembic), ``bundle``
+``keys``, ``verify``, ``charges`` (privacy charges recomputed over each site's history),
+``query``. Shell: ``store`` (SQLAlchemy + Alembic), ``bundle``
 (offline export), ``report`` (HTML), ``cli`` (``fedraft audit``).
 
 The coordinator writes through ``AuditStore.append``; auditors read through the CLI.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -23,12 +23,13 @@ from rich.text import Text
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from coordinator.audit.bundle import Bundle, BundleError, export_bundle
+from coordinator.audit.charges import Accountant, prv_epsilon
 from coordinator.audit.entry import Entry
 from coordinator.audit.keys import AuditKeyError, load_public_key
 from coordinator.audit.query import LineageError, RoundView
 from coordinator.audit.report import build_report
 from coordinator.audit.store import AuditError, AuditStore, open_readonly
-from coordinator.audit.verify import ChargeFn, VerifyReport
+from coordinator.audit.verify import VerifyReport
 
 ENV_DB = "FEDRAFT_AUDIT_DB"
 ENV_KEY = "FEDRAFT_AUDIT_PUBKEY"
@@ -253,7 +254,7 @@ def model_cmd(
     _out().print(table)
 
 
-def _load_accountant(spec: str) -> ChargeFn:
+def _load_accountant(spec: str) -> Accountant:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         _fail(EXIT_USAGE, "--accountant takes MODULE:FUNCTION")
@@ -264,10 +265,10 @@ def _load_accountant(spec: str) -> ChargeFn:
     if not callable(fn):
         _fail(EXIT_USAGE, f"{spec} is not callable")
 
-    def recompute(params: Mapping[str, Any]) -> float:
-        return float(fn(params))
+    def epsilon(history: Sequence[Any], delta: float) -> float:
+        return float(fn(history, delta))
 
-    return recompute
+    return epsilon
 
 
 def _print_verify(report: VerifyReport, where: str) -> None:
@@ -280,6 +281,8 @@ def _print_verify(report: VerifyReport, where: str) -> None:
             f"[bold green]OK[/] {where}: {c['entries']} entries, {c['signatures']} signatures, "
             f"{c['checkpoints']} checkpoints, {c['key_rotations']} key rotations, "
             f"{c['blobs']} blobs, {c['charges']} privacy charges verified"
+            + (f" ({c['charges_unchecked']} not recomputed: --no-charges)"
+               if c.get("charges_unchecked") else "")
         )
         if report.head_hash:
             out.print(f"head: seq {report.head_seq} {report.head_hash}")
@@ -309,12 +312,23 @@ def verify_cmd(
                      file_okay=False),
     ] = None,
     key: KeyOpt = None,
+    charges: Annotated[
+        bool,
+        typer.Option("--charges/--no-charges",
+                     help="Recompute every recorded privacy charge over its site's history "
+                     "in the log (imports the PRV accountant: seconds); --no-charges skips "
+                     "it."),
+    ] = True,
     accountant: Annotated[
         str | None,
-        typer.Option(help="MODULE:FUNCTION mapping one recorded charge's parameters to "
-                     "epsilon; every charge is recomputed and compared."),
+        typer.Option(help="MODULE:FUNCTION taking (history of privacy.accounting.DPStep, "
+                     "delta) to epsilon, instead of the leader's PRV accountant."),
     ] = None,
-    tolerance: Annotated[float, typer.Option(help="Relative tolerance for epsilon.")] = 1e-6,
+    tolerance: Annotated[
+        float,
+        typer.Option(help="Relative tolerance for recomputed epsilon (of the site's total); "
+                     "use 1e-6 with other opacus/numpy/scipy versions than the cluster's."),
+    ] = 1e-9,
     expect_size: Annotated[
         int | None,
         typer.Option(help="Entries the log had when you last saw it; fewer means truncation."),
@@ -327,7 +341,7 @@ def verify_cmd(
     bundle: BundleOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Verify hashes, signatures, key rotations, checkpoints (and blobs, charges).
+    """Verify hashes, signatures, key rotations, checkpoints, privacy charges (and blobs).
 
     Exit 0 when the log verifies, 1 when it does not (the first bad entry is named).
     """
@@ -341,8 +355,10 @@ def verify_cmd(
         _fail(EXIT_USAGE, f"unusable --key: {exc}")
     if blobs is not None:
         options["blobs"] = blobs
-    if accountant:
-        options["recompute_charge"] = _load_accountant(accountant)
+    if accountant and not charges:
+        _fail(EXIT_USAGE, "--accountant recomputes charges; it contradicts --no-charges")
+    if charges:
+        options["accountant"] = _load_accountant(accountant) if accountant else prv_epsilon
     if expect_size is not None:
         options["expected_size"] = expect_size
     source = _open(db, bundle)

@@ -223,7 +223,9 @@ def build_report(source: ReportSource, verification: VerifyReport | None) -> str
         out.append(
             f"<p class='ok'>log verifies: {c['entries']} entries, {c['signatures']} "
             f"signatures, {c['checkpoints']} checkpoints, {c['key_rotations']} key "
-            f"rotations, {c['blobs']} blobs, {c['charges']} privacy charges checked</p>"
+            f"rotations, {c['blobs']} blobs, {c['charges']} privacy charges checked"
+            + (f" ({c['charges_unchecked']} not recomputed)" if c.get("charges_unchecked")
+               else "") + "</p>"
         )
     else:
         where = (

@@ -51,6 +51,7 @@ from coordinator.audit.entry import (
     KEY_KINDS,
     KEY_ROTATION,
     MODEL_KINDS,
+    ROUND_ABORTED,
     ROUND_COMMITTED,
     ROUND_KINDS,
     Checkpoint,
@@ -697,7 +698,7 @@ class AuditStore:
 
     def spend(self) -> dict[str, SpendSeries]:
         """Cumulative recorded epsilon per site by round, with each site's budget."""
-        kinds = (CLIENT_ENROLLED, BUDGET_CHANGED, ROUND_COMMITTED)
+        kinds = (CLIENT_ENROLLED, BUDGET_CHANGED, ROUND_COMMITTED, ROUND_ABORTED)
         return privacy_spend(self._select(_E.kind.in_(kinds)))
 
     def keys(self) -> list[KeyInForce]:

@@ -12,8 +12,10 @@ optionally a public key pinned out of band, a blob directory and a DP accountant
    hashes and its signature checked; a log shorter than a checkpoint has lost its tail;
 4. blobs (optional): every model version named by ``model_genesis``/``round_committed``
    is rehashed from the blob directory;
-5. privacy charges (optional): each recorded per-site epsilon is recomputed by the caller's
-   accountant and compared within a tolerance;
+5. privacy charges (optional): the log is walked in order keeping each site's history of
+   DP runs, and every recorded ``epsilon_total`` and ``epsilon`` (the increase) is
+   recomputed with the caller's accountant over that history (see ``charges``), and held
+   against the site's budget;
 6. lineage: each committed version's parent is the version committed before it, and no
    round is committed twice (the "one version per round, one hash chain" invariant).
 
@@ -31,15 +33,17 @@ truncation past the newest checkpoint.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from coordinator.audit.canonical import CanonicalError, is_sha256_hex
+from coordinator.audit.charges import Accountant, ChargeChecker
 from coordinator.audit.entry import (
+    BUDGET_CHANGED,
+    CLIENT_ENROLLED,
     ENTRY_CONTEXT,
     GENESIS,
     GENESIS_PREV_HASH,
@@ -63,8 +67,9 @@ from coordinator.audit.keys import (
 )
 from coordinator.audit.merkle import MerkleAccumulator
 
-ChargeFn = Callable[[Mapping[str, Any]], float]
 BlobLookup = Callable[[str], Path | None]
+_CHARGE_KINDS = frozenset({ROUND_COMMITTED, ROUND_ABORTED, CLIENT_ENROLLED, BUDGET_CHANGED})
+"""Entries the charge walk reads: charges, and the budgets they are held against."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,9 +155,9 @@ def verify_log(
     genesis_key: bytes | str | None = None,
     blobs: Path | str | BlobLookup | None = None,
     require_blobs: bool = True,
-    recompute_charge: ChargeFn | None = None,
-    charge_rel_tol: float = 1e-6,
-    charge_abs_tol: float = 1e-9,
+    accountant: Accountant | None = None,
+    charge_rel_tol: float = 1e-9,
+    charge_abs_tol: float = 1e-12,
     check_lineage: bool = True,
     expected_size: int | None = None,
     extra_issues: Iterable[Issue] = (),
@@ -163,8 +168,10 @@ def verify_log(
 
     ``genesis_key`` pins the genesis public key (raw bytes, hex or PEM). ``blobs`` is a
     directory of blobs named by sha256 hex, or a lookup function; with ``require_blobs`` a
-    missing blob is a failure. ``recompute_charge`` receives one recorded charge's parameters
-    (noise_multiplier, sample_rate, steps, clip_norm, epsilon, delta) and returns epsilon.
+    missing blob is a failure. ``accountant`` maps a site's history of ``DPStep``s and a delta
+    to epsilon (``charges.prv_epsilon`` is the leader's own); with it every recorded charge
+    is recomputed over the site's history in the log, to ``charge_rel_tol`` of the site's
+    cumulative epsilon. Without it charges are counted as ``charges_unchecked``.
     ``expected_size`` is a size the log had before (from an earlier export or checkpoint); a
     shorter log is reported as truncated. ``extra_issues`` are problems the caller found in
     the storage itself (a store's index columns, a bundle's unreadable lines).
@@ -182,6 +189,7 @@ def verify_log(
         "checkpoints": 0,
         "blobs": 0,
         "charges": 0,
+        "charges_unchecked": 0,
     }
     warnings: list[str] = []
     cps = sorted(checkpoints, key=lambda c: c.tree_size if type(c.tree_size) is int else -1)
@@ -202,6 +210,9 @@ def verify_log(
     else:
         lookup = default_blob_lookup(Path(blobs))
     checked_blobs: dict[str, str | None] = {}
+    charges = (ChargeChecker(accountant, charge_rel_tol, charge_abs_tol)
+               if accountant is not None else None)
+    report_charge = _charge_reporter(state)
 
     checker = SignatureChecker()
     if workers != 1:
@@ -297,10 +308,13 @@ def verify_log(
                 counts["rounds_committed"] += 1
             if kind in (MODEL_GENESIS, ROUND_COMMITTED) and lookup is not None:
                 _check_blob(entry, lookup, require_blobs, checked_blobs, counts, state)
-            if kind == ROUND_COMMITTED and recompute_charge is not None:
-                _check_charges(
-                    entry, recompute_charge, charge_rel_tol, charge_abs_tol, counts, state
-                )
+        if kind in _CHARGE_KINDS:
+            if charges is not None:
+                # A damaged entry is already reported: follow its charges unjudged, so the
+                # sites' histories stay whole for the entries after it.
+                charges.observe(entry, report_charge if intact else None)
+            elif isinstance(entry.payload.get("charges"), dict):
+                counts["charges_unchecked"] += len(entry.payload["charges"])
         if check_lineage and kind in (MODEL_GENESIS, ROUND_COMMITTED):
             # A damaged entry is already reported; follow its claims without judging them
             # so that one bad entry does not cascade into lineage issues further on.
@@ -318,6 +332,8 @@ def verify_log(
 
     size = acc.size
     counts["entries"] = size
+    if charges is not None:
+        counts["charges"] = charges.checked
     if size == 0:
         warnings.append("the log is empty")
     if pinned is None:
@@ -534,33 +550,8 @@ def _check_lineage(
     return version if isinstance(version, str) else head
 
 
-def _check_charges(
-    entry: Entry,
-    recompute: ChargeFn,
-    rel_tol: float,
-    abs_tol: float,
-    counts: dict[str, int],
-    state: _State,
-) -> None:
-    charges = entry.payload.get("charges") or {}
-    if not isinstance(charges, dict):
-        state.add("charge", "charges is not an object", entry.seq)
-        return
-    for site in sorted(charges):
-        params = charges[site]
-        recorded = params.get("epsilon") if isinstance(params, dict) else None
-        if not isinstance(recorded, int | float) or isinstance(recorded, bool):
-            state.add("charge", f"site {site}: no recorded epsilon", entry.seq)
-            continue
-        try:
-            recomputed = float(recompute(dict(params)))
-        except Exception as exc:  # the accountant is caller code; report, don't crash
-            state.add("charge", f"site {site}: recomputing the charge failed: {exc}", entry.seq)
-            continue
-        counts["charges"] += 1
-        if not math.isclose(recomputed, recorded, rel_tol=rel_tol, abs_tol=abs_tol):
-            state.add(
-                "charge",
-                f"site {site}: recorded epsilon {recorded!r}, recomputed {recomputed!r}",
-                entry.seq,
-            )
+def _charge_reporter(state: _State) -> Callable[[str, int], None]:
+    def report(reason: str, seq: int) -> None:
+        state.add("charge", reason, seq)
+
+    return report

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Connection
 
 from coordinator.audit import AuditSigner, AuditStore
+from coordinator.ledger import charge_increase, dp_step
+from privacy.accounting import DPStep
 
 PG_URL = os.environ.get("FEDRAFT_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 SITES = [f"site-{i:02d}" for i in range(6)]
@@ -142,10 +144,17 @@ def build_log(
     rounds: int = 12,
     blob_dir: Path | None = None,
     start_index: int = 1,
-    epsilon: Callable[[dict[str, Any]], float] | None = None,
+    accountant: Callable[[Sequence[DPStep], float], float] | None = None,
 ) -> Built:
-    """A realistic log: model genesis, enrolments, rounds with one abort and retry."""
+    """A realistic log: model genesis, enrolments, rounds with one abort and retry.
+
+    With ``accountant`` each charge records ``epsilon_total`` (the accountant over the
+    site's history) and ``epsilon`` (its increase), as the leader does; without it a
+    made-up ``epsilon`` only.
+    """
     idx = start_index
+    history: dict[str, list[DPStep]] = {}
+    spent: dict[str, float] = {}
     genesis_blob = blob_bytes(0)
     v0 = hashlib.sha256(genesis_blob).hexdigest()
     if blob_dir is not None:
@@ -186,7 +195,13 @@ def build_log(
         for site in participants[:4]:
             params: dict[str, Any] = {"noise_multiplier": 1.1, "sample_rate": 0.02,
                                       "steps": 50 + r, "clip_norm": 1.0, "delta": 1e-5}
-            params["epsilon"] = epsilon(params) if epsilon else 0.1 + r / 1000
+            if accountant is None:
+                params["epsilon"] = 0.1 + r / 1000
+            else:
+                history.setdefault(site, []).append(dp_step(params))
+                total = accountant(history[site], params["delta"])
+                params["epsilon"] = charge_increase(total, spent.get(site, 0.0))
+                params["epsilon_total"] = spent[site] = total
             charges[site] = params
         idx += 1
         entry = store.append(
@@ -209,6 +224,6 @@ def build_log(
     return Built(versions, seq_of_round, blob_dir)
 
 
-def toy_epsilon(params: dict[str, Any]) -> float:
-    """A deterministic stand-in for a DP accountant."""
-    return round(params["steps"] * params["sample_rate"] / params["noise_multiplier"], 9)
+def toy_epsilon(history: Sequence[DPStep], delta: float) -> float:
+    """A fast deterministic stand-in for the PRV accountant (epsilon of a whole history)."""
+    return round(sum(s.steps * s.sample_rate / s.noise_multiplier for s in history) / 10, 9)

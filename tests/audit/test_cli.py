@@ -22,7 +22,7 @@ runner = CliRunner(env={"COLUMNS": "200"})
 def logged(tmp_path: Path, signer: AuditSigner) -> tuple[str, Built]:
     url = f"sqlite:///{tmp_path / 'node.db'}"
     with AuditStore(url, signer=signer, checkpoint_every=8) as store:
-        built = build_log(store, blob_dir=tmp_path / "blobs", epsilon=toy_epsilon)
+        built = build_log(store, blob_dir=tmp_path / "blobs", accountant=toy_epsilon)
     return url, built
 
 
@@ -78,9 +78,10 @@ def test_verify_exit_codes(logged: tuple[str, Built], signer: AuditSigner,
              str(tmp_path / "blobs"), "--accountant", "tests.audit.conftest:toy_epsilon")
     assert ok.exit_code == 0, ok.output
     assert "OK" in ok.stdout and "13 blobs" in ok.stdout and "48 privacy charges" in ok.stdout
-    report = json.loads(run("verify", "--db", url, "--json").stdout)
+    report = json.loads(run("verify", "--db", url, "--no-charges", "--json").stdout)
     assert report["ok"] is True and report["counts"]["entries"] > 30
-    wrong_key = run("verify", "--db", url, "--key", other_signer.public_key_hex)
+    assert report["counts"]["charges"] == 0 and report["counts"]["charges_unchecked"] == 48
+    wrong_key = run("verify", "--db", url, "--no-charges", "--key", other_signer.public_key_hex)
     assert wrong_key.exit_code == 1 and "seq 0" in wrong_key.stdout
 
     target = built.seq_of_round[5]
@@ -91,10 +92,10 @@ def test_verify_exit_codes(logged: tuple[str, Built], signer: AuditSigner,
                           "'\"survivors\":[\"site-01\"', '\"survivors\":[\"site-09\"') "
                           "WHERE seq = :s"), {"s": target})
     store.close()
-    bad = run("verify", "--db", url)
+    bad = run("verify", "--db", url, "--no-charges")
     assert bad.exit_code == 1
     assert f"first bad entry is seq {target}" in bad.stdout
-    bad_json = json.loads(run("verify", "--db", url, "--json").stdout)
+    bad_json = json.loads(run("verify", "--db", url, "--no-charges", "--json").stdout)
     assert bad_json["ok"] is False and bad_json["first_bad_seq"] == target
 
 
@@ -115,6 +116,7 @@ def test_usage_errors_exit_2(tmp_path: Path, logged: tuple[str, Built]) -> None:
     assert run("verify", "--bundle", str(tmp_path)).exit_code == 2  # not a bundle
     assert run("verify", "--db", url, "--key", "zz").exit_code == 2
     assert run("verify", "--db", url, "--accountant", "no_such_module:f").exit_code == 2
+    assert run("verify", "--db", url, "--no-charges", "--accountant", "math:fsum").exit_code == 2
     assert run("rounds", "--db", url, "--since", "x").exit_code == 2
 
 
@@ -129,7 +131,7 @@ def test_export_and_offline_verify(logged: tuple[str, Built], signer: AuditSigne
     keys = json.loads((out / "keys.json").read_text())
     assert keys[0]["public_key"] == signer.public_key_hex
     ok = run("verify", "--bundle", str(out), "--key", signer.public_key_hex,
-             "--blobs", str(tmp_path / "blobs"))
+             "--blobs", str(tmp_path / "blobs"), "--accountant", "tests.audit.conftest:toy_epsilon")
     assert ok.exit_code == 0, ok.output
     rows = json.loads(run("rounds", "--bundle", str(out), "--json").stdout)
     assert len(rows) == 12
@@ -164,7 +166,7 @@ def test_bundle_edits_are_named(logged: tuple[str, Built], tmp_path: Path) -> No
     swapped = list(lines)
     swapped[5], swapped[9] = swapped[9], swapped[5]
     path.write_text("".join(swapped))
-    result = run("verify", "--bundle", str(out), "--json")
+    result = run("verify", "--bundle", str(out), "--no-charges", "--json")
     assert result.exit_code == 1 and json.loads(result.stdout)["first_bad_seq"] == 5
 
     path.write_text("".join(lines[:-2]))  # tail cut above the last checkpoint
@@ -193,19 +195,22 @@ def test_report_html(logged: tuple[str, Built], signer: AuditSigner, tmp_path: P
 def test_cli_on_both_databases(backend: Backend, signer: AuditSigner, tmp_path: Path) -> None:
     store = backend.open(signer=signer, checkpoint_every=8)
     build_log(store)
-    result = run("verify", "--db", backend.cli_url, "--key", signer.public_key_hex)
+    result = run("verify", "--db", backend.cli_url, "--key", signer.public_key_hex,
+                 "--no-charges")
     assert result.exit_code == 0, result.output
     assert len(json.loads(run("rounds", "--db", backend.cli_url, "--json").stdout)) == 12
     out = tmp_path / "bundle"
     assert run("export", "--db", backend.cli_url, "-o", str(out)).exit_code == 0
-    assert run("verify", "--bundle", str(out), "--key", signer.public_key_hex).exit_code == 0
+    assert run("verify", "--bundle", str(out), "--key", signer.public_key_hex,
+               "--no-charges").exit_code == 0
     assert run("report", "--db", backend.cli_url, "-o", str(tmp_path / "r.html")).exit_code == 0
 
 
 def test_accountant_mismatch_fails(logged: tuple[str, Built]) -> None:
     url, built = logged
     result = run("verify", "--db", url, "--accountant", "math:fsum", "--json")
-    # math.fsum over a dict's keys fails for every charge: reported, not crashed
+    # math.fsum takes one argument, not (history, delta): every charge fails to recompute,
+    # and that is reported, not crashed
     assert result.exit_code == 1
     assert json.loads(result.stdout)["first_bad_seq"] == built.seq_of_round[1]
     _ = toy_epsilon

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from coordinator.audit import (
 )
 from coordinator.audit.canonical import canonical_text
 from coordinator.audit.entry import ENTRY_CONTEXT, compute_entry_hash
+from privacy.accounting import DPStep
 
 from .conftest import Backend, blob_bytes, build_log, toy_epsilon
 from .test_core import json_values
@@ -60,9 +62,9 @@ def _set(conn: Connection, where_seq: int, **values: Any) -> None:
 
 def test_untouched_log_verifies(backend: Backend, signer: AuditSigner, tmp_path: Path) -> None:
     store = _store(backend, signer)
-    built = build_log(store, blob_dir=tmp_path / "blobs", epsilon=toy_epsilon)
+    built = build_log(store, blob_dir=tmp_path / "blobs", accountant=toy_epsilon)
     report = store.verify(genesis_key=signer.public_key, blobs=built.blob_dir,
-                          recompute_charge=toy_epsilon)
+                          accountant=toy_epsilon)
     assert report.ok, report.issues
     n = len(store)
     assert report.counts["entries"] == n and report.counts["signatures"] == n
@@ -395,13 +397,13 @@ def test_edited_checkpoint_is_reported(backend: Backend, signer: AuditSigner) ->
 
 def test_misrecorded_privacy_charge_is_named(backend: Backend, signer: AuditSigner) -> None:
     store = _store(backend, signer)
-    built = build_log(store, epsilon=toy_epsilon)
-    assert store.verify(recompute_charge=toy_epsilon).ok
+    built = build_log(store, accountant=toy_epsilon)
+    assert store.verify(accountant=toy_epsilon).ok
 
-    def stricter(params: dict[str, Any]) -> float:
-        return toy_epsilon(params) * (1.5 if params["steps"] == 50 + 10 else 1.0)
+    def stricter(history: Sequence[DPStep], delta: float) -> float:
+        return toy_epsilon(history, delta) * (1.5 if history[-1].steps == 50 + 10 else 1.0)
 
-    report = store.verify(recompute_charge=stricter)
+    report = store.verify(accountant=stricter)
     assert not report.ok and report.first_bad_seq == built.seq_of_round[10]
     assert "recomputed" in (report.reason or "")
 

@@ -97,7 +97,7 @@ def test_repeated_request_id_applied_once():
            "participants": ["site-a", "site-b"], "seed": "x", "request_id": "req-1"}
     first = apply(s, dict(cmd))
     again = apply(s, dict(cmd))
-    assert first["ok"] and again == first
+    assert first["ok"] and again == {**first, "replayed": True}
     assert s["attempts"][1] == 1
     commit = {"op": "round_commit", "term": 5, "round": 1, "attempt": 1, "version": H1,
               "parent": H0, "size": 1, "survivors": ["site-a", "site-b"], "metrics": {},
@@ -228,3 +228,96 @@ def test_privacy_ledger_charges_commits_and_aborts_and_caps_spend():
                      "charges": {"site-d": _charge(0.5, 0.9)}})["ok"]
     d = s["sites"]["site-d"]
     assert d["spent"] == 0.9 and [c["attempt"] for c in d["charges"]] == [1, 2]
+
+
+def _set_budget(s, site="site-d", request_id=None, **fields):
+    cmd = {"op": "set_budget", "site": site, **fields}
+    if request_id is not None:
+        cmd["request_id"] = request_id
+    return apply(s, cmd)
+
+
+def _charged_site_d():
+    """site-d (budget 1.0) charged 0.9 in round 1."""
+    s = _cluster()
+    assert apply(s, {"op": "enroll", "site": "site-d", "public_key": "d" * 64,
+                     "epsilon": 1.0, "delta": 1e-5})["ok"]
+    assert _open(s, sites=("site-a", "site-d"))["ok"]
+    assert apply(s, {"op": "round_commit", "term": 5, "round": 1, "attempt": 1, "version": H1,
+                     "parent": H0, "size": 10, "survivors": ["site-a", "site-d"],
+                     "holders": ["n1", "n2"], "cluster_size": 3,
+                     "charges": {"site-d": _charge(0.9, 0.9)}})["ok"]
+    return s
+
+
+def test_budget_change_is_accepted_and_enforced():
+    s = _charged_site_d()
+    r = _set_budget(s, epsilon=2.0, operator="alice")
+    assert r == {"ok": True, "site": "site-d", "budget": {"epsilon": 2.0, "delta": 1e-5},
+                 "old_budget": {"epsilon": 1.0, "delta": 1e-5}, "spent": 0.9,
+                 "changed": True, "operator": "alice"}
+    assert s["sites"]["site-d"]["budget"] == {"epsilon": 2.0, "delta": 1e-5}
+    # the new budget is the one the ledger enforces: 1.5 now fits, 2.5 does not
+    assert _open(s, rnd=2, base=H1, sites=("site-a", "site-d"))["ok"]
+    commit = {"op": "round_commit", "term": 5, "round": 2, "attempt": 1, "version": H2,
+              "parent": H1, "size": 10, "survivors": ["site-a", "site-d"],
+              "holders": ["n1", "n2"], "cluster_size": 3}
+    assert apply(s, {**commit, "charges": {"site-d": _charge(1.6, 2.5)}})["code"] == "overspend"
+    assert apply(s, {**commit, "charges": {"site-d": _charge(0.6, 1.5)}})["ok"]
+    # setting the budget it already has is accepted, and says nothing changed
+    same = _set_budget(s, epsilon=2.0)
+    assert same["ok"] and same["changed"] is False
+    # delta may change while a site has no charges
+    r = _set_budget(s, site="site-c", epsilon=4.0, delta=1e-6)
+    assert r["ok"] and s["sites"]["site-c"]["budget"] == {"epsilon": 4.0, "delta": 1e-6}
+
+
+def test_budget_below_spent_is_rejected_and_changes_nothing():
+    s = _charged_site_d()
+    before = _domain(s)
+    r = _set_budget(s, epsilon=0.5)
+    assert r["ok"] is False and r["code"] == "below_spent"
+    assert "already spent epsilon 0.9" in r["error"] and "0.5" in r["error"]
+    assert _domain(s) == before
+    r = _set_budget(s, epsilon=2.0, delta=1e-6)
+    assert r["code"] == "delta_in_use" and _domain(s) == before
+    assert _set_budget(s, epsilon=0.9)["ok"]  # exactly what it spent: exhausted, not over
+
+
+@pytest.mark.parametrize(("site", "fields", "code"), [
+    ("site-d", {"epsilon": float("nan")}, "malformed"),
+    ("site-d", {"epsilon": float("inf")}, "malformed"),
+    ("site-d", {"epsilon": -1.0}, "malformed"),
+    ("site-d", {"epsilon": 0}, "malformed"),
+    ("site-d", {"epsilon": True}, "malformed"),
+    ("site-d", {"epsilon": "3"}, "malformed"),
+    ("site-d", {}, "malformed"),
+    ("site-d", {"epsilon": 3.0, "delta": -1e-5}, "malformed"),
+    ("site-d", {"epsilon": 3.0, "delta": float("nan")}, "malformed"),
+    ("site-d", {"epsilon": 3.0, "delta": 1.0}, "malformed"),
+    ("site-d", {"epsilon": 3.0, "operator": 7}, "malformed"),
+    ("ghost", {"epsilon": 3.0}, "unknown_site"),
+    ("bad id!", {"epsilon": 3.0}, "malformed"),
+    ("site-c", {"epsilon": 3.0}, "revoked"),
+])
+def test_bad_budget_changes_are_rejected(site, fields, code):
+    s = _charged_site_d()
+    assert apply(s, {"op": "revoke", "site": "site-c"})["ok"]
+    before = _domain(s)
+    r = _set_budget(s, site=site, **fields)
+    assert r["ok"] is False and r["code"] == code and r["error"]
+    assert _domain(s) == before
+
+
+def test_budget_change_is_idempotent_by_request_id():
+    s = _charged_site_d()
+    first = _set_budget(s, epsilon=3.0, request_id="budget-1")
+    again = _set_budget(s, epsilon=3.0, request_id="budget-1")
+    assert first["ok"] and first["changed"] and again == {**first, "replayed": True}
+    # a retry applies once even if the value changed in between: the first result stands
+    late = _set_budget(s, epsilon=5.0, request_id="budget-1")
+    assert late == again and s["sites"]["site-d"]["budget"]["epsilon"] == 3.0
+    replica = _charged_site_d()
+    for eps in (3.0, 3.0, 5.0):
+        _set_budget(replica, epsilon=eps, request_id="budget-1")
+    assert replica == s

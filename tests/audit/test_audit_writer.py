@@ -1,0 +1,76 @@
+"""What a node's audit writer records for applied commands: budget changes, and retries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from coordinator.audit import AuditSigner
+from coordinator.audit.entry import validate_payload
+from coordinator.audit.store import open_readonly
+from coordinator.audit_writer import AuditWriter, audit_record
+from coordinator.state import apply, initial_state
+
+KEY = "a" * 64
+
+
+def _enrolled() -> dict[str, Any]:
+    state = initial_state()
+    assert apply(state, {"op": "enroll", "site": "site-a", "public_key": KEY,
+                         "epsilon": 3.0, "delta": 1e-5})["ok"]
+    return state
+
+
+def _applied(state: dict[str, Any], command: dict[str, Any]) -> tuple[str, dict] | None:
+    return audit_record(command, apply(state, command), state)
+
+
+def test_budget_change_is_recorded() -> None:
+    state = _enrolled()
+    cmd = {"op": "set_budget", "site": "site-a", "epsilon": 5.0, "operator": "alice",
+           "request_id": "r1"}
+    record = _applied(state, cmd)
+    assert record == ("budget_changed", {"site": "site-a", "epsilon": 5.0, "delta": 1e-5,
+                                         "old_epsilon": 3.0, "old_delta": 1e-5,
+                                         "spent": 0.0, "operator": "alice"})
+    validate_payload(*record)  # what the store checks on append
+    assert _applied(state, cmd) is None  # the retry is applied once, recorded once
+    # nothing changed, or nothing applied: nothing recorded
+    assert _applied(state, {"op": "set_budget", "site": "site-a", "epsilon": 5.0}) is None
+    assert _applied(state, {"op": "set_budget", "site": "site-a", "epsilon": -1.0}) is None
+
+
+def test_writer_puts_budget_changes_in_the_log(tmp_path: Path, signer: AuditSigner) -> None:
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    writer = AuditWriter(url, signer)
+    state = initial_state()
+    commands = [
+        {"op": "enroll", "site": "site-a", "public_key": KEY, "epsilon": 3.0, "delta": 1e-5,
+         "request_id": "e1"},
+        {"op": "enroll", "site": "site-a", "public_key": KEY, "epsilon": 3.0, "delta": 1e-5,
+         "request_id": "e1"},  # a retry after a timeout
+        {"op": "set_budget", "site": "site-a", "epsilon": 6.0, "delta": 1e-6,
+         "operator": "alice", "request_id": "b1"},
+        {"op": "set_budget", "site": "site-a", "epsilon": 6.0, "delta": 1e-6,
+         "operator": "alice", "request_id": "b1"},
+        {"op": "set_budget", "site": "site-a", "epsilon": 4.0, "request_id": "b2"},
+    ]
+    try:
+        for cmd in commands:
+            writer.record(cmd, apply(state, cmd), state)
+    finally:
+        writer.close()
+    store = open_readonly(url)
+    try:
+        entries = store.entries()
+        assert [e.kind for e in entries] == [
+            "genesis", "client_enrolled", "budget_changed", "budget_changed"]
+        assert [e.raft_index for e in entries[1:]] == [1, 3, 5]  # the state's apply seq
+        first, second = entries[2].payload, entries[3].payload
+        assert (first["old_epsilon"], first["epsilon"], first["delta"]) == (3.0, 6.0, 1e-6)
+        assert first["operator"] == "alice" and "operator" not in second
+        assert (second["old_epsilon"], second["epsilon"], second["old_delta"]) == (6.0, 4.0, 1e-6)
+        assert store.verify(genesis_key=signer.public_key).ok
+        assert store.spend()["site-a"].budget == 4.0  # the auditor's view follows the change
+    finally:
+        store.close()
