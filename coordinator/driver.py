@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import secrets
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+FAULT_HOLD_ENV = "FEDRAFT_FAULT_HOLD"
+"""Tests only: a file holding `stage:seconds` makes the leader linger at that stage."""
 TASK_KEYS = ("local_epochs", "lr", "batch_size", "secure_aggregation", "compression",
              "error_feedback", "clip", "max_examples", "threshold", "residual_decay")
 TRAINING_STAGES = ("collect", "masked")
@@ -55,6 +59,7 @@ class RoundSession:
     identity_keys: dict[str, str] = field(default_factory=dict)
     federation: str = ""
     stage_deadline: float = 0.0
+    stage_opened: float = 0.0
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     charge_futures: dict[str, Future] = field(default_factory=dict)
     phase: str = "collect"  # the aggregation's stage, then aggregate/replicate/commit
@@ -74,7 +79,8 @@ class RoundSession:
 
     def open_stage(self) -> None:
         key = "collect_timeout_s" if self.agg.stage in TRAINING_STAGES else "stage_timeout_s"
-        self.stage_deadline = time.monotonic() + self.config[key]
+        self.stage_opened = time.monotonic()
+        self.stage_deadline = self.stage_opened + self.config[key]
         self.phase = self.agg.stage
 
 
@@ -86,6 +92,8 @@ class RoundDriver:
         self._claimed_term: int | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._planning: dict[str, Any] | None = None
+        self._hold_file = os.environ.get(FAULT_HOLD_ENV)
 
     def stop(self) -> None:
         self.charges.close()
@@ -141,7 +149,7 @@ class RoundDriver:
     def progress(self) -> dict[str, Any] | None:
         s = self.session
         if s is None:
-            return None
+            return self._planning
         return {"round": s.round, "attempt": s.attempt, "stage": s.phase,
                 "participants": sorted(s.participants), "submitted": sorted(s.agg.answered),
                 "expected": sorted(s.agg.expected()),
@@ -276,6 +284,11 @@ class RoundDriver:
         change = None if parent_bytes is None else (
             base_vec - wire.flatten(wire.decode_model(parent_bytes)))
         seed = secrets.token_hex(16)
+        self._planning = {"round": rnd, "attempt": attempt, "stage": "planning"}
+        try:
+            self._hold("planning", term)
+        finally:
+            self._planning = None
         plan = round_plan(st["genesis"], rnd, attempt, term, seed, participants, base_vec.size,
                           change, config)
         if config["secure_aggregation"]:
@@ -306,7 +319,8 @@ class RoundDriver:
                     self._drop_session()
                     return
                 with session.lock:
-                    if (session.agg.answered >= session.agg.expected()
+                    if ((session.agg.answered >= session.agg.expected()
+                         and not self._holding(session))
                             or time.monotonic() > session.stage_deadline):
                         session.phase = "closing"
                         break
@@ -345,6 +359,7 @@ class RoundDriver:
             self._abort(term, rnd, attempt, "blob_replication_failed")
             return
         session.phase = "commit"
+        self._hold("commit", term)
         charges = self._charges(session, survivors)
         r = self._submit({
             "op": "round_commit", "term": term, "round": rnd, "attempt": attempt,
@@ -366,6 +381,34 @@ class RoundDriver:
                 self._abort(term, rnd, attempt, f"refused: {r['error']}"[:200],
                             {k: v for k, v in charges.items()
                              if v["epsilon_total"] <= budgets[k] + 1e-9})
+
+    # ------------------------------------------------------------ fault injection (tests)
+
+    def _hold_spec(self) -> tuple[str, float] | None:
+        """`stage:seconds` from the file named by FEDRAFT_FAULT_HOLD, re-read each time so
+        one cluster can be held at each stage in turn; unset in production."""
+        if not self._hold_file:
+            return None
+        try:
+            stage, _, seconds = Path(self._hold_file).read_text().strip().partition(":")
+            return stage, float(seconds)
+        except (OSError, ValueError):
+            return None
+
+    def _hold(self, stage: str, term: int) -> None:
+        """Stay at `stage` for the configured seconds, so a test can kill the leader there."""
+        spec = self._hold_spec()
+        if spec is None or spec[0] != stage:
+            return
+        log.warning("fault injection: holding at %s for %.1fs", stage, spec[1])
+        deadline = time.monotonic() + spec[1]
+        while time.monotonic() < deadline and self._leading(term) and not self._stop.is_set():
+            time.sleep(0.05)
+
+    def _holding(self, session: RoundSession) -> bool:
+        spec = self._hold_spec()
+        return (spec is not None and spec[0] == session.phase
+                and time.monotonic() < session.stage_opened + spec[1])
 
     def _charges(self, s: RoundSession, sites: list[str]) -> dict[str, dict[str, float]]:
         """Each site's charge from the DP parameters it reported, accounted on the ledger.

@@ -35,8 +35,8 @@ weighted value = c * n / (2^31 - 1), far below anything that matters here).
 Server step: m = beta * m + mean_delta; w += eta * m; the last global change (eta * m)
 seeds the next round's index set. eta and the residual decay are the round configuration's
 ``server_lr`` and ``residual_decay`` (what ``fedraft round start`` and the demo send), so the
-sparse rows here are what a real round with those settings computes. Dense FedAvg always uses eta = 1, beta = 0; the sparse
-variants use ``Settings.server_lr`` / ``server_momentum``.
+sparse rows here are what a real round with those settings computes. Dense FedAvg always
+uses eta = 1, beta = 0; the sparse variants use ``Settings.server_lr`` / ``server_momentum``.
 
 Settings chosen (``SETTINGS``; tuned on seed 0, see ``TUNING``):
 
