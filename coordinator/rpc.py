@@ -34,6 +34,8 @@ class Caller:
 
 
 Handler = Callable[[dict[str, Any], Caller], dict[str, Any]]
+RpcObserver = Callable[[str, str, str, int, int], None]
+"""Told of every handled call: (service, method, result code, request bytes, reply bytes)."""
 
 
 def _caller(context: grpc.ServicerContext) -> Caller:
@@ -44,20 +46,35 @@ def _caller(context: grpc.ServicerContext) -> Caller:
     return Caller(name, role)
 
 
-def _wrap(handler: Handler, roles: frozenset[str]) -> Callable[[bytes, Any], bytes]:
-    def call(request: bytes, context: grpc.ServicerContext) -> bytes:
+def _wrap(handler: Handler, roles: frozenset[str], service: str = "", method: str = "",
+          observe: RpcObserver | None = None) -> Callable[[bytes, Any], bytes]:
+    def reply_to(request: bytes, context: grpc.ServicerContext) -> dict[str, Any]:
         caller = _caller(context)
         if caller.role not in roles:
-            return wire.pack(wire.error(
-                "forbidden", f"role {caller.role or 'none'!r} may not call this method"))
+            return wire.error("forbidden", f"role {caller.role or 'none'!r} may not call this method")
         try:
-            message = wire.unpack(request)
-            return wire.pack(handler(message, caller))
+            return handler(wire.unpack(request), caller)
         except wire.WireError as exc:
-            return wire.pack(wire.error(exc.code, exc.message))
+            return wire.error(exc.code, exc.message)
         except Exception:
             log.exception("handler failed")
-            return wire.pack(wire.error("internal", "internal error; see the node's log"))
+            return wire.error("internal", "internal error; see the node's log")
+
+    def call(request: bytes, context: grpc.ServicerContext) -> bytes:
+        reply = reply_to(request, context)
+        try:
+            body = wire.pack(reply)
+        except Exception:
+            log.exception("reply could not be encoded")
+            reply = wire.error("internal", "internal error; see the node's log")
+            body = wire.pack(reply)
+        if observe is not None:
+            code = "ok" if reply.get("ok") else str(reply.get("code") or "error")
+            try:
+                observe(service, method, code, len(request), len(body))
+            except Exception:  # metrics must never fail a call
+                log.debug("rpc observer failed", exc_info=True)
+        return body
 
     return call
 
@@ -67,13 +84,15 @@ def make_server(
     bind: str,
     services: dict[str, dict[str, tuple[Handler, frozenset[str]]]],
     workers: int = 64,
+    observe: RpcObserver | None = None,
 ) -> grpc.Server:
-    """A started-ready (not yet started) mTLS gRPC server hosting `services`."""
+    """A started-ready (not yet started) mTLS gRPC server hosting `services`; `observe`
+    (metrics) hears of every call."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
                          options=wire.GRPC_OPTIONS)
     for service, methods in services.items():
         handlers = {
-            name: grpc.unary_unary_rpc_method_handler(_wrap(fn, roles))
+            name: grpc.unary_unary_rpc_method_handler(_wrap(fn, roles, service, name, observe))
             for name, (fn, roles) in methods.items()
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
