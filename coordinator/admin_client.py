@@ -7,6 +7,7 @@ round is read from the leader, which alone holds it.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +83,8 @@ class AdminClient:
         return self._channels[endpoint]
 
     def call(self, method: str, message: dict[str, Any] | None = None,
-             endpoint: str | None = None, check: bool = True) -> dict[str, Any]:
+             endpoint: str | None = None, check: bool = True,
+             timeout: float | None = None) -> dict[str, Any]:
         message = dict(message or {})
         if method not in ("Status", "Sites", "RoundStatus", "GetBlob"):
             message.setdefault("request_id", uuid.uuid4().hex)
@@ -90,7 +92,7 @@ class AdminClient:
         for ep in [endpoint] if endpoint else self.config.endpoints:
             try:
                 reply = self._channel(ep).call(wire.ADMIN_SERVICE, method, message,
-                                               timeout=self.timeout)
+                                               timeout=timeout or self.timeout)
             except grpc.RpcError as exc:
                 errors.append(f"{ep}: {exc.code().name}")
                 continue
@@ -109,6 +111,71 @@ class AdminClient:
         if delta is not None:
             message["delta"] = delta
         return self.call("SetBudget", message)
+
+    def leader_call(self, method: str, message: dict[str, Any],
+                    timeout: float = 30.0) -> dict[str, Any]:
+        """Call `method` on the leader (membership changes run there), following a
+        follower's redirect; waits up to `timeout` for a leader to be known."""
+        deadline = time.monotonic() + timeout
+        endpoint = self.leader_endpoint()
+        while endpoint is None and time.monotonic() < deadline:
+            time.sleep(0.3)
+            endpoint = self.leader_endpoint()
+        if endpoint is None:
+            raise Refused({"code": "no_leader", "error": "the cluster has no leader"})
+        for _ in range(3):
+            reply = self.call(method, message, endpoint=endpoint, check=False,
+                              timeout=max(self.timeout, timeout + 5.0))
+            moved = reply.get("leader_admin")
+            if reply.get("code") != "not_leader" or not moved or moved == endpoint:
+                break
+            endpoint = moved
+        if not reply.get("ok"):
+            raise Refused(reply)
+        return reply
+
+    def add_node(self, node: str, node_admin: str | None = None,
+                 timeout: float = 30.0) -> dict[str, Any]:
+        """Add the node whose Raft address is `node`; it must already run, started with
+        every member and itself as peers. Its admin endpoint is asked who it is: given,
+        or found among this client's endpoints (raises Refused `need_admin` if neither)."""
+        message: dict[str, Any] = {"node": node, "timeout_s": timeout}
+        if node_admin is None:
+            node_admin = self._find_admin(node)
+        if node_admin is not None:
+            message["admin"] = node_admin
+        return self.leader_call("AddNode", message, timeout)
+
+    def _find_admin(self, raft: str) -> str | None:
+        for ep in self.config.endpoints:
+            try:
+                status = self.call("Status", endpoint=ep, timeout=min(self.timeout, 5.0))
+            except (Refused, Unreachable):
+                continue
+            if (status.get("self") or {}).get("raft") == raft:
+                return ep
+        return None
+
+    def remove_node(self, node: str, transfer: bool = True,
+                    timeout: float = 30.0) -> dict[str, Any]:
+        """Remove a member (host:port or id). The leader cannot remove itself: with
+        `transfer` it hands leadership to another member first, else Refused `is_leader`."""
+        message = {"node": node, "timeout_s": timeout}
+        try:
+            return self.leader_call("RemoveNode", message, timeout)
+        except Refused as exc:
+            if exc.code != "is_leader" or not transfer:
+                raise
+        moved = self.leader_call("TransferLeader", {"timeout_s": timeout}, timeout)
+        reply = self.leader_call("RemoveNode", message, timeout)
+        return reply | {"transferred_to": moved["leader"]}
+
+    def transfer_leader(self, node: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
+        """Hand leadership to `node` (id or host:port; None: the most caught-up member)."""
+        message: dict[str, Any] = {"timeout_s": timeout}
+        if node is not None:
+            message["node"] = node
+        return self.leader_call("TransferLeader", message, timeout)
 
     def leader_endpoint(self) -> str | None:
         status = self.call("Status")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pysyncobj import SyncObj, SyncObjConf, SyncObjConsumer, replicated
+from pysyncobj.config import FAIL_REASON
 from pysyncobj.syncobj import SyncObjException
 
 from coordinator import state as sm
@@ -65,6 +66,22 @@ class CommandFailed(Exception):
     """The cluster could not apply a command in time (no leader, no quorum)."""
 
 
+class MembershipError(Exception):
+    """A membership change or leadership transfer that did not happen; `code` says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+_FAIL_NAMES = {v: k.lower() for k, v in vars(FAIL_REASON).items() if k.isupper()}
+PARTNER_PREFIX = "partner_node_status_server_"
+MATCH_PREFIX = "match_idx_server_"
+# refused before anything was appended: safe to ask again
+_RETRYABLE = (FAIL_REASON.REQUEST_DENIED, FAIL_REASON.QUEUE_FULL, FAIL_REASON.MISSING_LEADER)
+
+
 class Replica:
     def __init__(
         self,
@@ -75,6 +92,7 @@ class Replica:
         election: tuple[float, float],
         on_applied: AppliedHook,
         on_state_changed: Callable[[int, int], None] | None = None,
+        join: bool = False,
     ) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         conf = SyncObjConf(
@@ -94,11 +112,19 @@ class Replica:
             useFork=False,
             onStateChanged=on_state_changed,
             commandsWaitLeader=True,
+            # a peer that comes back at a new address (a rescheduled pod) is found again
+            # within seconds, not after pysyncobj's default 10-minute DNS cache
+            dnsCacheTime=5.0,
+            dnsFailCacheTime=2.0,
         )
         self.self_addr = self_addr
         self.state = ReplicatedState(on_applied)
         self.sync = SyncObj(self_addr, peers, conf, consumers=[self.state])
         make_journal_durable(self.sync)
+        keep_links_alive(self.sync, interval=election[1] / 4)
+        if join and self._raw_status()["log_len"] <= 1:
+            hold_elections_until_led(self.sync)
+            log.info("joining a running cluster: no election until a leader calls")
 
     # ------------------------------------------------------------ raft facts
 
@@ -112,8 +138,23 @@ class Replica:
     def term(self) -> int:
         return int(self.sync.raftCurrentTerm)
 
+    def leader_term(self, timeout: float = 1.0) -> int | None:
+        """The current term if this node leads in it, else None.
+
+        Read on the Raft thread between ticks, so state and term belong together: a
+        leader deposed by a higher term holds that term while still marked leader for a
+        moment, and a claim of it would fence out the term's real leader (seen right
+        after leadership transfers)."""
+        box: list[int | None] = []
+        try:
+            self._on_tick_thread(
+                lambda: box.append(self.term() if self.is_leader() else None), timeout)
+        except MembershipError:
+            return None
+        return box[0] if box else None
+
     def status(self) -> dict[str, Any]:
-        s = self.sync.getStatus()
+        s = self._raw_status()
         return {
             "state": {0: "follower", 1: "candidate", 2: "leader"}.get(s["state"], str(s["state"])),
             "leader": None if s["leader"] is None else str(s["leader"].id),
@@ -122,7 +163,132 @@ class Replica:
             "last_applied": s["last_applied"],
             "has_quorum": s["has_quorum"],
             "log_len": s["log_len"],
+            "members": self._members(s),
+            "connected": sorted(k[len(PARTNER_PREFIX):] for k, v in s.items()
+                                if k.startswith(PARTNER_PREFIX) and v == 2),
         }
+
+    # ------------------------------------------------------------ membership
+
+    def _raw_status(self) -> dict[str, Any]:
+        """pysyncobj's status, read from a caller's thread: a set the tick thread is
+        changing (a membership change being applied) can make one read fail; retry."""
+        for _ in range(20):
+            try:
+                return self.sync.getStatus()
+            except RuntimeError:
+                time.sleep(0.001)
+        return self.sync.getStatus()
+
+    def _members(self, status: dict[str, Any]) -> list[str]:
+        partners = (k[len(PARTNER_PREFIX):] for k in status if k.startswith(PARTNER_PREFIX))
+        return sorted({self.self_addr, *partners})
+
+    def members(self) -> list[str]:
+        """Raft addresses of the live membership as this node sees it, itself included.
+
+        pysyncobj applies a membership change when its entry is appended, so on the
+        leader this is the configuration that decides quorums, not the static config
+        the node started with."""
+        return self._members(self._raw_status())
+
+    def match_index(self, node: str) -> int | None:
+        """How far `node` has replicated this leader's log (None: not a follower here)."""
+        return self._raw_status().get(MATCH_PREFIX + node)
+
+    def change_membership(self, change: str, node: str, timeout: float) -> None:
+        """Add or remove one node (`change` is "add" or "remove") and wait for the
+        change's own log entry to commit. Call it on the leader, one change at a time.
+
+        A new leader refuses changes until its first entry has applied, so a refusal is
+        retried until `timeout`; the caller checks the obvious refusals (already a
+        member, the leader itself) first."""
+        deadline = time.monotonic() + timeout
+        call = {"add": self.sync.addNodeToCluster, "remove": self.sync.removeNodeFromCluster}
+        last = "no attempt"
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise MembershipError("timeout", f"{change} {node}: not committed in "
+                                      f"{timeout:g}s (last: {last})")
+            if not self.is_leader():
+                raise MembershipError("not_leader", "this node is no longer the leader")
+            done = threading.Event()
+            outcome: list[int] = []
+
+            def callback(_result: Any, error: int, outcome: list[int] = outcome,
+                         done: threading.Event = done) -> None:
+                outcome.append(error)
+                done.set()
+
+            call[change](node, callback=callback)
+            while not done.wait(min(0.2, max(0.0, deadline - time.monotonic()))):
+                # appended but not committed yet: it may still commit, even under another leader
+                if time.monotonic() >= deadline or not self.is_leader():
+                    raise MembershipError(
+                        "timeout" if self.is_leader() else "leader_changed",
+                        f"{change} {node}: not committed in time; it may still take effect "
+                        "(check `fedraft cluster status` before retrying)")
+            if outcome[0] == FAIL_REASON.SUCCESS:
+                return
+            if outcome[0] not in _RETRYABLE:  # appended, then lost with the lead
+                raise MembershipError("leader_changed", f"{change} {node}: "
+                                      f"{_FAIL_NAMES.get(outcome[0], outcome[0])}; check "
+                                      "`fedraft cluster status` and retry")
+            last = _FAIL_NAMES.get(outcome[0], str(outcome[0]))
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+    def transfer_leadership(self, node: str | None, timeout: float) -> str:
+        """Hand leadership to `node` (None: the most caught-up follower) and wait until
+        another node leads; returns its Raft address.
+
+        pysyncobj's transfer sends a message, so it runs on the tick thread (its
+        transport is not thread-safe). A target that is not fully caught up is refused
+        by pysyncobj; that is retried until `timeout`, as is a target that lost the
+        election it was told to start."""
+        deadline = time.monotonic() + timeout
+        last = "no attempt"
+        while time.monotonic() < deadline:
+            if not self.is_leader():
+                current = self.leader()
+                if current is not None and current != self.self_addr:
+                    return current  # the caller tells whether the named target won
+                time.sleep(0.02)
+                continue
+            outcome = self._send_transfer(node, max(0.0, deadline - time.monotonic()))
+            if outcome != FAIL_REASON.SUCCESS:
+                last = _FAIL_NAMES.get(outcome, str(outcome))
+                time.sleep(0.05)
+                continue
+            last = "sent; the target has not taken over yet"
+            wait_until = min(deadline, time.monotonic() + 1.0)
+            while time.monotonic() < wait_until and self.is_leader():
+                time.sleep(0.02)
+        raise MembershipError("timeout", f"leadership not transferred in {timeout:g}s ({last})")
+
+    def _send_transfer(self, node: str | None, timeout: float) -> int:
+        outcome: list[int] = []
+        self._on_tick_thread(lambda: self.sync.transferLeadership(
+            node, callback=lambda _result, error: outcome.append(error)), timeout)
+        return outcome[0] if outcome else FAIL_REASON.SUCCESS
+
+    def _on_tick_thread(self, fn: Callable[[], None], timeout: float) -> None:
+        """Run `fn` once on pysyncobj's tick thread and wait for it."""
+        done = threading.Event()
+
+        def once() -> None:  # the tick thread holds the callbacks' lock: never remove here
+            if not done.is_set():
+                try:
+                    fn()
+                finally:
+                    done.set()
+
+        self.sync.addOnTickCallback(once)
+        try:
+            if not done.wait(timeout):
+                raise MembershipError("timeout", "the Raft thread did not run the request")
+        finally:
+            self.sync.removeOnTickCallback(once)
 
     # ------------------------------------------------------------ writes
 
@@ -148,6 +314,59 @@ class Replica:
 
     def destroy(self) -> None:
         self.sync.destroy()
+
+
+KEEPALIVE = {"type": "fedraft_keepalive"}  # pysyncobj ignores message types it does not know
+
+
+def keep_links_alive(sync: SyncObj, interval: float) -> None:
+    """Send every other member a message pysyncobj ignores, every `interval` seconds.
+
+    Followers never talk to each other, so pysyncobj drops their links after
+    `connectionTimeout` without data and redials a second later: about half the time
+    one follower cannot reach another. A candidate then misses votes; with four members
+    most leadership transfers failed (the target reached only the old leader) and a
+    leader's death costs extra election rounds. Runs on the tick thread, which owns the
+    transport. Reaches into pysyncobj 0.3.17's transport and member set; raises if they
+    moved."""
+    transport = sync._SyncObj__transport  # type: ignore[attr-defined]
+    if not isinstance(sync._SyncObj__otherNodes, set):  # type: ignore[attr-defined]
+        raise RuntimeError("pysyncobj internals moved: no member set to keep alive")
+    due = [0.0]
+
+    def beat() -> None:
+        now = time.monotonic()
+        if now < due[0]:
+            return
+        due[0] = now + interval
+        for node in list(sync._SyncObj__otherNodes):  # type: ignore[attr-defined]
+            transport.send(node, KEEPALIVE)
+
+    sync.addOnTickCallback(beat)
+
+
+def hold_elections_until_led(sync: SyncObj) -> None:
+    """Keep a node that joins a running cluster from starting elections until a leader
+    has contacted it.
+
+    Until the leader adds it, the members drop its connections, but pysyncobj counts it
+    as connected for a moment after each dial and lets it stand for election: its term
+    climbs, and once added its first reply deposes the leader (one needless election
+    per added node). With an empty log it could never win anyway. It still votes.
+    Reaches into pysyncobj 0.3.17's election deadline; raises if that moved."""
+    attr = "_SyncObj__raftElectionDeadline"
+    getattr(sync, attr)
+    led = threading.Event()
+
+    def hold() -> None:  # runs on the tick thread, after this tick's election check
+        if led.is_set():
+            return
+        if sync._getLeader() is not None:
+            led.set()
+            return
+        setattr(sync, attr, time.monotonic() + 3600.0)
+
+    sync.addOnTickCallback(hold)
 
 
 def make_journal_durable(sync: SyncObj) -> None:

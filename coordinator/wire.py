@@ -27,7 +27,7 @@ ADMIN_SERVICE = "fedraft.Admin"
 FLEET_METHODS = ("Poll", "GetBlob", "Submit")
 ADMIN_METHODS = (
     "Status", "Enroll", "Revoke", "Sites", "InitModel", "Train", "Stop",
-    "RoundStatus", "GetBlob", "PutBlob",
+    "RoundStatus", "GetBlob", "PutBlob", "AddNode", "RemoveNode", "TransferLeader",
 )
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -189,6 +189,36 @@ def decode_update(data: Any, expected_len: int) -> np.ndarray:
 
 def encode_update(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype="<f4").tobytes()
+
+
+# ---------------------------------------------------------------- unsettled DP runs
+
+MAX_UNSETTLED = 20
+"""How many DP runs (its newest) a site reports per Poll or Submit until the ledger settles them."""
+UNSETTLED_DP = ("noise_multiplier", "sample_rate", "steps", "clip_norm", "delta")
+LEDGER_SETTLED = ("charged", "uncharged", "invalid")
+"""Answers in a reply's `ledger` list that settle a run: the site forgets it. Runs still
+open or unknown are not answered and stay unsettled."""
+
+
+def unsettled_run(entry: Any) -> dict[str, Any] | None:
+    """A site's report of one DP run it was charged for by its own accountant:
+    {round, attempt, term, noise_multiplier, sample_rate, steps, clip_norm, delta}.
+    None when it does not fit (the leader answers `invalid` if it names an attempt)."""
+    if not isinstance(entry, dict):
+        return None
+    ints = [entry.get(k) for k in ("round", "attempt", "term")]
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in ints):
+        return None
+    dp = [entry.get(k) for k in UNSETTLED_DP]
+    if any(isinstance(v, bool) or not isinstance(v, int | float) or not np.isfinite(v) for v in dp):
+        return None
+    sigma, q, steps, clip, delta = (float(v) for v in dp)
+    if not (sigma > 0 and 0 < q <= 1 and steps >= 0 and steps == int(steps) and clip > 0
+            and 0 < delta < 1):
+        return None
+    return {"round": ints[0], "attempt": ints[1], "term": ints[2], "noise_multiplier": sigma,
+            "sample_rate": q, "steps": steps, "clip_norm": clip, "delta": delta}
 
 
 class Channel:
