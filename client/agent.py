@@ -4,7 +4,8 @@ Only `coordinator.wire` (the public schema) is imported from the coordinator. Th
 talks to whichever listed node answers; a follower's redirect names the leader. When a
 node dies the agent moves to the next one by itself. Which round attempts it already
 answered is kept on disk, so a restarted agent never feeds a second update into a
-session it already joined.
+session it already joined; so are the DP runs its accountant charged that the leader has
+not yet confirmed on the replicated ledger, reported until it does.
 """
 
 from __future__ import annotations
@@ -51,20 +52,59 @@ def write_identity_key(path: Path) -> Ed25519PrivateKey:
 
 
 class DurableState:
-    """Small JSON state in the site's state dir, replaced atomically."""
+    """Small JSON state in the site's state dir, replaced atomically.
+
+    `joined`: the sessions this site fed an update (invariant 5). `unsettled`: DP runs the
+    site's own accountant charged that the leader has not yet confirmed on the replicated
+    ledger; they are reported with every request until it does, so that a run whose
+    update died with its leader is still charged there (`wire.unsettled_run`).
+    """
+
+    MAX_UNSETTLED_KEPT = 100
 
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / "agent-state.json"
-        self.data: dict[str, Any] = {"joined": []}
+        self.data: dict[str, Any] = {"joined": [], "unsettled": []}
         if self.path.exists():
-            self.data = json.loads(self.path.read_text())
+            self.data.update(json.loads(self.path.read_text()))
+        self._lock = threading.Lock()  # training threads record runs
 
     def joined(self, key: str) -> bool:
         return key in self.data["joined"]
 
     def mark_joined(self, key: str) -> None:
-        self.data["joined"] = (self.data["joined"] + [key])[-1000:]
+        with self._lock:
+            self.data["joined"] = (self.data["joined"] + [key])[-1000:]
+            self._save()
+
+    def unsettled(self) -> list[dict[str, Any]]:
+        """The newest runs to report, at most what the leader reads of one request."""
+        with self._lock:
+            return [dict(e) for e in self.data["unsettled"][-wire.MAX_UNSETTLED:]]
+
+    def add_unsettled(self, run: dict[str, Any]) -> None:
+        with self._lock:
+            runs = [e for e in self.data["unsettled"]
+                    if (e["round"], e["attempt"]) != (run["round"], run["attempt"])]
+            if len(runs) >= self.MAX_UNSETTLED_KEPT:
+                log.warning("forgetting unsettled DP run %s.%s: more than %d wait for the "
+                            "ledger", runs[0]["round"], runs[0]["attempt"], self.MAX_UNSETTLED_KEPT)
+            self.data["unsettled"] = [*runs, run][-self.MAX_UNSETTLED_KEPT:]
+            self._save()
+
+    def settle(self, answers: dict[tuple[int, int], str]) -> list[tuple[dict[str, Any], str]]:
+        """Forget the runs the leader answered; returns them with the answers."""
+        with self._lock:
+            done = [(e, answers[(e["round"], e["attempt"])]) for e in self.data["unsettled"]
+                    if (e["round"], e["attempt"]) in answers]
+            if done:
+                self.data["unsettled"] = [e for e in self.data["unsettled"]
+                                          if (e["round"], e["attempt"]) not in answers]
+                self._save()
+            return done
+
+    def _save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "w") as fh:
             json.dump(self.data, fh)
@@ -134,8 +174,10 @@ class Agent:
         done, backoff = 0, 0.2
         while not self.stopped.is_set() and (max_rounds is None or done < max_rounds):
             try:
-                reply = self._call("Poll", {"wait": self.poll_wait_s}, timeout=self.poll_wait_s + 5)
+                reply = self._call("Poll", {"wait": self.poll_wait_s, **self._unsettled()},
+                                   timeout=self.poll_wait_s + 5)
                 backoff = 0.2
+                self._settle(reply)
             except grpc.RpcError as exc:
                 log.info("node %s unreachable (%s); trying the next", self._address(),
                          exc.code().name)
@@ -200,6 +242,26 @@ class Agent:
             self._finish(work, RoundOutcome(task["round"], task["attempt"], accepted, detail))
         return accepted and last_stage
 
+    def _unsettled(self) -> dict[str, Any]:
+        runs = self.state.unsettled()
+        return {"unsettled": runs} if runs else {}
+
+    def _settle(self, reply: dict[str, Any]) -> None:
+        """Forget the DP runs the leader's `ledger` answers settle."""
+        answers: dict[tuple[int, int], str] = {}
+        for a in reply.get("ledger") or ():
+            if (isinstance(a, dict) and type(a.get("round")) is int
+                    and type(a.get("attempt")) is int and a.get("status") in wire.LEDGER_SETTLED):
+                answers[(a["round"], a["attempt"])] = a["status"]
+        if not answers:
+            return
+        for run, status in self.state.settle(answers):
+            if status == "charged":
+                log.info("DP run of %s.%s is charged on the ledger", run["round"], run["attempt"])
+            else:  # the site's accountant counts a run the ledger never will
+                log.warning("DP run of %s.%s is settled as %s: the ledger does not charge it",
+                            run["round"], run["attempt"], status)
+
     def _finish(self, work: RoundWork, outcome: RoundOutcome) -> None:
         self._work = None
         if self.on_round:
@@ -224,9 +286,10 @@ class Agent:
         """Send to the leader; the same update may be resent only to the same session."""
         for _ in range(3):
             try:
-                reply = self._call("Submit", message, timeout=30)
+                reply = self._call("Submit", {**message, **self._unsettled()}, timeout=30)
             except grpc.RpcError as exc:
                 return {"ok": False, "code": "unreachable", "error": exc.code().name}
+            self._settle(reply)
             if reply.get("code") == "not_leader" and reply.get("leader"):
                 self._leader_hint = reply["leader"]
                 continue
@@ -307,6 +370,7 @@ class RoundWork:
                                               os.urandom)
         self.config = {k: cfg[k] for k in ("local_epochs", "lr", "batch_size")} | {
             "round": task["round"]}
+        self.session = {k: task[k] for k in ("round", "attempt", "term")}
         preview = getattr(agent.trainer, "preview_charge", None)
         if preview is not None:
             cost = preview(self.config)
@@ -325,6 +389,7 @@ class RoundWork:
             t0 = time.monotonic()
             ev = self.agent.trainer.evaluate(self.base, self.config)
             self._fit = self.agent.trainer.fit(self.base, self.config)
+            self._record_run(self._fit.metrics)
             self._metrics = {"eval_accuracy": float(ev.metrics.get("accuracy", 0.0)),
                              "eval_loss": float(ev.loss),
                              "train_seconds": round(time.monotonic() - t0, 3)}
@@ -335,6 +400,13 @@ class RoundWork:
             self._error = exc
         finally:
             self._done.set()
+
+    def _record_run(self, metrics: dict[str, float]) -> None:
+        """The DP run just charged by the site's accountant, unsettled until the leader
+        confirms a ledger charge for it (its update may die with the leader)."""
+        if all(f"dp_{k}" in metrics for k in wire.UNSETTLED_DP):
+            self.agent.state.add_unsettled(
+                self.session | {k: float(metrics[f"dp_{k}"]) for k in wire.UNSETTLED_DP})
 
     def _privatized(self, timeout: float) -> tuple[Any, dict[str, float]]:
         if not self._done.wait(timeout):

@@ -149,6 +149,50 @@ def keygen(out: Annotated[Path, typer.Option("--out", "-o", help="private key fi
     print(public_key_hex(key))
 
 
+@app.command("import")
+def import_(
+    bundle: Annotated[Path, typer.Argument(help="bundle from `fedraft client enroll --bundle`")],
+    identity_key: Annotated[Path, typer.Option(
+        "--identity-key", help="this site's identity key (fedraft-client keygen); must be the "
+        "enrolled one")],
+    directory: Annotated[Path, typer.Option("--dir", help="site directory to write")] = Path("."),
+    task: Annotated[str | None, typer.Option(help="built-in task name, e.g. breast_cancer")] = None,
+    flower_app: Annotated[str | None, typer.Option(help="module:attribute of a Flower ClientApp")] = None,
+    partition: Annotated[int, typer.Option(help="built-in tasks: this site's data shard")] = 0,
+    num_partitions: Annotated[int, typer.Option(help="built-in tasks: number of shards")] = 1,
+    ca_sha256: Annotated[str | None, typer.Option(
+        help="refuse unless the bundle's CA has this sha256 (the operator prints it)")] = None,
+    force: Annotated[bool, typer.Option(help="replace files from an earlier import (site.toml "
+                                        "is kept as site.toml.bak)")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Unpack an enrollment bundle into a site directory with a ready site.toml."""
+    from client.bundle import BundleError, import_bundle
+
+    try:
+        if task is not None:
+            from client.tasks import TASKS
+
+            if task not in TASKS:
+                raise BundleError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        done = import_bundle(bundle, identity_key, directory, task=task, flower_app=flower_app,
+                             partition=partition, num_partitions=num_partitions,
+                             ca_sha256=ca_sha256, force=force)
+    except (BundleError, OSError) as exc:
+        if as_json:
+            print(json.dumps({"ok": False, "error": str(exc)}))
+        err.print(f"[red]import refused:[/] {exc}")
+        raise typer.Exit(2) from None
+    out = {"ok": True, "site": done.bundle.site, "config": str(done.config_path),
+           "files": [str(f) for f in done.files], "nodes": list(done.bundle.nodes),
+           "budget": done.bundle.budget, "ca_sha256": done.ca_sha256}
+    if as_json:
+        print(json.dumps(out))
+    else:
+        console.print(f"site [bold]{out['site']}[/] ready: fedraft-client run --config "
+                      f"{out['config']}")
+
+
 @app.command("init-model")
 def init_model(
     out: Annotated[Path, typer.Option("--out", "-o")],

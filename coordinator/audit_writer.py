@@ -8,11 +8,13 @@ The SQL write happens on a writer thread, never on the Raft thread.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,33 +77,62 @@ def audit_record(command: dict[str, Any], result: dict[str, Any],
             "participants": c["participants"], "survivors": c["survivors"],
             "metrics": c["metrics"], "charges": c.get("charges", {}),
         }
+    if op == "late_charge":
+        return "charge_recorded", {"round": result["round"], "attempt": result["attempt"],
+                                   "term": result["term"], "site": result["site"],
+                                   "charges": {result["site"]: result["charge"]},
+                                   "overspent": result["overspent"]}
+    if op == "membership":
+        payload = {"change": result["change"], "node": result["node"],
+                   "node_id": result["node_id"], "members": result["members"]}
+        if result.get("operator"):
+            payload["operator"] = result["operator"]
+        return "membership_changed", payload
     return None
 
 
 class AuditWriter:
     """Feeds applied commands, in apply order, into this node's SQL audit log."""
 
-    def __init__(self, url: str, signer: AuditSigner) -> None:
+    def __init__(self, url: str, signer: AuditSigner,
+                 on_written: Callable[[str], None] | None = None) -> None:
+        """`on_written(kind)` hears of each entry actually appended (metrics), not of
+        replays of entries the log already holds."""
         self.store = AuditStore(url, signer=signer)
+        self._on_written = on_written
         self._queue: queue.Queue[tuple[int, str, dict[str, Any]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
     def record(self, command: dict[str, Any], result: dict[str, Any], state: dict[str, Any]) -> None:
+        """Queue the entry of an applied command. Its payload is copied now: it may share
+        objects with the state, which later commands change (a `late_charge` adds to the
+        charges of an aborted attempt) before the writer thread gets to it."""
         entry = audit_record(command, result, state)
         if entry is not None:
-            self._queue.put((state["seq"], *entry))
+            self._queue.put((state["seq"], entry[0], copy.deepcopy(entry[1])))
 
     def _run(self) -> None:
+        head = None
+        try:
+            head = self.store.head()
+        except Exception:
+            log.exception("audit log head unreadable")
+        written = head.seq if head is not None else -1
         while True:
             item = self._queue.get()
             if item is None:
                 return
             seq, kind, payload = item
             try:
-                self.store.append(kind, payload, raft_index=seq)
+                entry = self.store.append(kind, payload, raft_index=seq)
             except Exception:
                 log.exception("audit append failed for command %s (%s)", seq, kind)
+                continue
+            if entry.seq > written:
+                written = entry.seq
+                if self._on_written is not None:
+                    self._on_written(kind)
 
     def close(self) -> None:
         self._queue.put(None)

@@ -27,7 +27,7 @@ EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 1, 2, 3, 4
 
 app = typer.Typer(help="fedraft coordinator: nodes, sites, rounds, models.", no_args_is_help=True)
 node_app = typer.Typer(help="Run a coordinator node.", no_args_is_help=True)
-cluster_app = typer.Typer(help="Inspect the Raft cluster.", no_args_is_help=True)
+cluster_app = typer.Typer(help="Inspect the Raft cluster and change its members.", no_args_is_help=True)
 client_app = typer.Typer(help="Enroll, list and revoke client sites; set their budgets.",
                          no_args_is_help=True)
 round_app = typer.Typer(help="Start and follow training rounds.", no_args_is_help=True)
@@ -86,7 +86,8 @@ def node_start(
     config: Annotated[Path, typer.Option("--config", "-c", envvar="FEDRAFT_NODE_CONFIG",
                                          help="node TOML")],
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
-    json_logs: Annotated[bool, typer.Option("--json-logs", help="one JSON object per log line")] = False,
+    json_logs: Annotated[bool, typer.Option(
+        "--json-logs", help="one JSON object per log line (or [log] json = true)")] = False,
 ) -> None:
     """Run one coordinator node until SIGTERM or SIGINT."""
     from coordinator.config import load_node_config
@@ -99,6 +100,8 @@ def node_start(
     except ConfigError as exc:
         err.print(f"[red]configuration error:[/] {exc}")
         raise typer.Exit(EXIT_USAGE) from None
+    if cfg.log_json and not json_logs:
+        setup_logging(log_level, True)
     node = Node(cfg)
     node.start()
     node.wait()
@@ -116,6 +119,8 @@ def cluster_status(config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt =
     nodes = []
     for n in first["nodes"]:
         try:
+            if not n["admin"]:  # added moments ago, its endpoints not recorded yet
+                raise Unreachable(f"no admin endpoint recorded for {n['id']}")
             s = c.call("Status", endpoint=n["admin"])
             nodes.append({"id": n["id"], "state": s["raft"]["state"], "term": s["raft"]["term"],
                           "commit_index": s["raft"]["commit_index"], "reachable": True,
@@ -141,11 +146,91 @@ def cluster_status(config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt =
         t.add_column(col)
     for n in nodes:
         t.add_row(n["id"], n.get("state", "[red]unreachable[/]"), str(n.get("term", "-")),
-                  str(n.get("commit_index", "-")), n["admin"])
+                  str(n.get("commit_index", "-")), n["admin"] or "-")
     console.print(t)
     online = out["clients_online"]
     console.print(f"sites enrolled {out['sites_enrolled']}, online "
                   f"{len(online) if online is not None else '?'}: {', '.join(online or [])}")
+
+
+ChangeTimeoutOpt = Annotated[float, typer.Option(
+    "--timeout", min=1.0, max=300.0, help="seconds the change may take")]
+
+
+def _membership(fn: Any, as_json: bool, done: Any) -> None:
+    """Run one membership change: 0 done, 1 refused, 3 unreachable, 4 timed out."""
+    try:
+        r = fn()
+    except Refused as exc:
+        if as_json:
+            _emit(exc.reply)
+        err.print(f"[red]refused ({exc.code}):[/] {exc}")
+        raise typer.Exit(EXIT_TIMEOUT if exc.code == "timeout" else EXIT_REFUSED) from None
+    except Unreachable as exc:
+        err.print(f"[red]unreachable:[/] {exc}")
+        raise typer.Exit(EXIT_UNREACHABLE) from None
+    _emit(r) if as_json else console.print(done(r))
+
+
+def _node_address(value: str, what: str) -> str:
+    from coordinator.config import host_port
+
+    try:
+        return host_port(value, what)
+    except ConfigError as exc:
+        err.print(f"[red]usage error:[/] {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+@cluster_app.command("add-node")
+def cluster_add_node(
+    node: Annotated[str, typer.Argument(help="the new node's Raft HOST:PORT")],
+    node_admin: Annotated[str | None, typer.Option(
+        "--node-admin", help="the new node's admin host:port (default: found among the admin "
+        "endpoints)")] = None,
+    timeout: ChangeTimeoutOpt = 30.0,
+    config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt = None, cert: CertOpt = None,
+    key: KeyOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Add a running node (started with every member and itself as peers) to the cluster."""
+    raft = _node_address(node, "node")
+    node_admin = None if node_admin is None else _node_address(node_admin, "--node-admin")
+    c = _client(config, admin, ca, cert, key)
+    _membership(lambda: c.add_node(raft, node_admin, timeout), as_json, lambda r: (
+        f"added [bold]{r['node_id']}[/] ({r['node']}); members: {', '.join(r['members'])}"
+        + ("" if r.get("caught_up") else " [yellow](still catching up)[/]")))
+
+
+@cluster_app.command("remove-node")
+def cluster_remove_node(
+    node: Annotated[str, typer.Argument(help="the member's Raft HOST:PORT (or its id)")],
+    transfer: Annotated[bool, typer.Option(
+        help="if it is the leader, hand leadership to another member first")] = True,
+    timeout: ChangeTimeoutOpt = 30.0,
+    config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt = None, cert: CertOpt = None,
+    key: KeyOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Remove a member from the cluster; then stop its process."""
+    c = _client(config, admin, ca, cert, key)
+    _membership(lambda: c.remove_node(node, transfer, timeout), as_json, lambda r: (
+        (f"leadership handed to {r['transferred_to']}; " if r.get("transferred_to") else "")
+        + f"removed [bold]{r['node_id']}[/] ({r['node']}); members: {', '.join(r['members'])}"
+        + "; stop its process now"))
+
+
+@cluster_app.command("transfer-leader")
+def cluster_transfer_leader(
+    node: Annotated[str | None, typer.Argument(
+        help="the member to lead (id or Raft HOST:PORT); default: the most caught-up")] = None,
+    timeout: ChangeTimeoutOpt = 30.0,
+    config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt = None, cert: CertOpt = None,
+    key: KeyOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Hand Raft leadership to another member (before maintenance on the leader)."""
+    c = _client(config, admin, ca, cert, key)
+    _membership(lambda: c.transfer_leader(node, timeout), as_json, lambda r: (
+        f"leader is now [bold]{r['leader']}[/]" if r.get("changed")
+        else f"[bold]{r['leader']}[/] already leads"))
 
 
 # ------------------------------------------------------------------ clients
@@ -165,6 +250,17 @@ def _read_key(public_key: str) -> str:
     return text.lower()
 
 
+BundleOpt = Annotated[Path | None, typer.Option(
+    "--bundle", help="also write the site's enrollment bundle here (0600; needs --ca-dir)")]
+CaDirOpt = Annotated[Path | None, typer.Option(
+    "--ca-dir", envvar="FEDRAFT_CA_DIR", help="CA directory (ca.pem, ca.key) that issues the "
+    "site's TLS certificate")]
+FleetOpt = Annotated[str | None, typer.Option(
+    "--fleet", envvar="FEDRAFT_FLEET", help="fleet host:port[,host:port] sites dial (default: "
+    "the nodes' fleet addresses from cluster status)")]
+CertDaysOpt = Annotated[int, typer.Option("--cert-days", min=1, help="TLS certificate validity")]
+
+
 @client_app.command("enroll")
 def client_enroll(
     site: Annotated[str, typer.Argument(help="site id, e.g. hospital-a")],
@@ -172,14 +268,81 @@ def client_enroll(
                                             "(fedraft-client keygen prints it)")],
     epsilon: Annotated[float, typer.Option(help="the site's privacy budget epsilon")] = 8.0,
     delta: Annotated[float, typer.Option(help="the site's privacy budget delta")] = 1e-5,
+    bundle: BundleOpt = None, ca_dir: CaDirOpt = None, fleet: FleetOpt = None,
+    cert_days: CertDaysOpt = 365,
     config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt = None, cert: CertOpt = None,
     key: KeyOpt = None, as_json: JsonOpt = False,
 ) -> None:
-    """Enroll a site's identity key; only enrolled sites may take part in rounds."""
+    """Enroll a site's identity key; only enrolled sites may take part in rounds.
+
+    With --bundle, also issue the site's TLS certificate and write the one file the site
+    imports (`fedraft-client import`); it is built before enrolling, so a bad CA dir or
+    endpoint enrolls nothing.
+    """
     c = _client(config, admin, ca, cert, key)
-    r = _run(lambda: c.call("Enroll", {"site": site, "public_key": _read_key(public_key),
+    pub = _read_key(public_key)
+    made = None if bundle is None else _site_bundle(
+        c, site, pub, bundle, ca_dir, fleet, epsilon, delta, cert_days)
+    r = _run(lambda: c.call("Enroll", {"site": site, "public_key": pub,
                                        "epsilon": epsilon, "delta": delta}))
-    _emit(r) if as_json else console.print(f"enrolled [bold]{site}[/]")
+    if bundle is not None and made is not None:
+        r = r | _write_site_bundle(bundle, made)
+    _emit(r) if as_json else console.print(f"enrolled [bold]{site}[/]" + (
+        f"; bundle {bundle} (CA sha256 {r['ca_sha256']})" if bundle is not None else ""))
+
+
+def _site_bundle(c: AdminClient, site: str, public_key: str, path: Path, ca_dir: Path | None,
+                 fleet: str | None, epsilon: float, delta: float, days: int) -> dict[str, Any]:
+    """Build a site's bundle, or exit 2 naming what is wrong, before anything is enrolled."""
+    from coordinator import bundle as bundles
+
+    try:
+        if ca_dir is None:
+            raise bundles.BundleError("--bundle needs --ca-dir (the CA that issues the site's "
+                                      "TLS certificate)")
+        bundles.check_bundle_target(path)
+        bundles.check_ca_dir(ca_dir)
+        nodes = (bundles.parse_endpoints(fleet) if fleet
+                 else bundles.fleet_from_status(_run(lambda: c.call("Status"))))
+        return bundles.build_bundle(ca_dir, site, public_key, nodes, epsilon, delta, days)
+    except bundles.BundleError as exc:
+        err.print(f"[red]bundle:[/] {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+def _write_site_bundle(path: Path, made: dict[str, Any]) -> dict[str, Any]:
+    from coordinator import bundle as bundles
+
+    try:
+        bundles.write_bundle(path, made)
+    except OSError as exc:
+        err.print(f"[red]bundle not written:[/] {exc}; `fedraft client bundle {made['site']}` "
+                  "makes a new one")
+        raise typer.Exit(EXIT_USAGE) from None
+    return {"bundle": str(path), "ca_sha256": bundles.ca_fingerprint(made["ca_pem"].encode()),
+            "nodes": made["nodes"]}
+
+
+@client_app.command("bundle")
+def client_bundle(
+    site: Annotated[str, typer.Argument(help="an enrolled, unrevoked site id")],
+    bundle: Annotated[Path, typer.Option("--bundle", help="where to write it (0600, new file)")],
+    ca_dir: CaDirOpt = None, fleet: FleetOpt = None, cert_days: CertDaysOpt = 365,
+    config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt = None, cert: CertOpt = None,
+    key: KeyOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """A new bundle with a freshly issued TLS certificate for an enrolled site (rotation,
+    or a lost bundle); the identity key and budget stay as enrolled."""
+    c = _client(config, admin, ca, cert, key)
+    rec = next((s for s in _run(lambda: c.call("Sites"))["sites"] if s["site"] == site), None)
+    if rec is None or rec["revoked"]:
+        err.print(f"[red]site {site!r} is {'revoked' if rec else 'not enrolled'}[/]")
+        raise typer.Exit(EXIT_REFUSED)
+    made = _site_bundle(c, site, rec["public_key"], bundle, ca_dir, fleet,
+                        rec["budget"]["epsilon"], rec["budget"]["delta"], cert_days)
+    out = {"site": site} | _write_site_bundle(bundle, made)
+    _emit(out) if as_json else console.print(
+        f"bundle {bundle} for [bold]{site}[/] (CA sha256 {out['ca_sha256']})")
 
 
 @client_app.command("budget")

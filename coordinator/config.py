@@ -39,6 +39,9 @@ class NodeConfig:
     audit_key: Path | None = None
     audit_db: str = ""
     fleet_workers: int = 64
+    metrics_bind: str = ""  # host:port serving Prometheus /metrics; "" is off
+    log_json: bool = False
+    join: bool = False  # joining a running cluster: start no election until a leader calls
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -60,6 +63,10 @@ class _Reader:
         value = self.data.get(section, {}).get(key, default) if env is None else env
         if value is ...:
             raise ConfigError(f"{section}.{key}: required")
+        if env is not None and kind is bool:
+            if env.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ConfigError(f"{section}.{key}: expected true or false, got {env!r}")
+            value = env.lower() in ("1", "true", "yes", "on")
         if env is not None and kind in (int, float):
             try:
                 value = kind(env)
@@ -76,13 +83,19 @@ class _Reader:
         return p if p.is_absolute() else (self.base / p)
 
 
-def _hostport(value: Any, where: str) -> str:
+def host_port(value: Any, where: str) -> str:
+    """`value` if it is host:port with a valid port; ConfigError naming `where` if not.
+
+    Also checks node addresses given on the command line and in admin requests."""
     if not isinstance(value, str) or value.count(":") < 1:
         raise ConfigError(f"{where}: expected host:port, got {value!r}")
     host, _, port = value.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"{where}: expected host:port, got {value!r}")
     return value
+
+
+_hostport = host_port  # the earlier private name
 
 
 def _address(raw: Any, where: str) -> NodeAddress:
@@ -95,9 +108,9 @@ def _address(raw: Any, where: str) -> NodeAddress:
         raise ConfigError(f"{where}.id: required")
     return NodeAddress(
         id=raw["id"],
-        raft=_hostport(raw.get("raft"), f"{where}.raft"),
-        fleet=_hostport(raw.get("fleet"), f"{where}.fleet"),
-        admin=_hostport(raw.get("admin"), f"{where}.admin"),
+        raft=host_port(raw.get("raft"), f"{where}.raft"),
+        fleet=host_port(raw.get("fleet"), f"{where}.fleet"),
+        admin=host_port(raw.get("admin"), f"{where}.admin"),
     )
 
 
@@ -112,7 +125,7 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 def load_node_config(path: Path) -> NodeConfig:
     data = read_toml(path)
-    known = {"node", "tls", "raft", "peers", "audit"}
+    known = {"node", "tls", "raft", "peers", "audit", "metrics", "log"}
     for section in data:
         if section not in known:
             raise ConfigError(f"{section}: unknown section")
@@ -122,7 +135,8 @@ def load_node_config(path: Path) -> NodeConfig:
         env = os.environ.get(_env_key("node", key))
         if env is not None:
             node[key] = env
-    self_addr = _address({k: v for k, v in node.items() if k != "data_dir"}, "node")
+    self_addr = _address({k: v for k, v in node.items() if k not in ("data_dir", "join")},
+                         "node")
     peers_raw = data.get("peers", [])
     if not isinstance(peers_raw, list):
         raise ConfigError("peers: expected an array of tables ([[peers]])")
@@ -141,6 +155,9 @@ def load_node_config(path: Path) -> NodeConfig:
     audit_db = r.get("audit", "db", str, f"sqlite:///{data_dir / 'audit.db'}")
     if "://" not in audit_db:
         raise ConfigError("audit.db: expected a SQLAlchemy URL (sqlite:///... or postgresql+psycopg://...)")
+    metrics_bind = r.get("metrics", "bind", str, "").strip()
+    if metrics_bind:
+        host_port(metrics_bind, "metrics.bind")
     return NodeConfig(
         self_addr=self_addr,
         peers=peers,
@@ -153,6 +170,9 @@ def load_node_config(path: Path) -> NodeConfig:
         raft_password=password,
         election_min_s=emin,
         election_max_s=emax,
+        join=r.get("node", "join", bool, False),
+        metrics_bind=metrics_bind,
+        log_json=r.get("log", "json", bool, False),
     )
 
 
@@ -165,6 +185,8 @@ def render_node_config(
     key: Path,
     election: tuple[float, float] = (0.8, 1.6),
     audit_key: Path | None = None,
+    metrics_bind: str = "",
+    join: bool = False,
 ) -> str:
     """A node.toml for the given layout; the Raft password comes from the environment."""
     lines = [
@@ -174,6 +196,8 @@ def render_node_config(
         f'raft = "{self_addr.raft}"',
         f'fleet = "{self_addr.fleet}"',
         f'admin = "{self_addr.admin}"',
+        *(["# joining a running cluster: passive until the leader adds it (fedraft cluster "
+            "add-node)", "join = true"] if join else []),
         "",
         "[tls]",
         f'ca = "{ca}"',
@@ -189,6 +213,10 @@ def render_node_config(
         "# the cluster's audit signing key (Ed25519 PEM), the same on every node",
         f'key = "{audit_key or data_dir / "audit-key.pem"}"',
         "# db defaults to sqlite:///<data_dir>/audit.db; PostgreSQL: postgresql+psycopg://...",
+        "",
+        "[metrics]",
+        "# Prometheus /metrics over plain HTTP: keep it on loopback or a monitoring network",
+        f'bind = "{metrics_bind}"' if metrics_bind else '# bind = "127.0.0.1:9464"',
     ]
     for p in peers:
         lines += ["", "[[peers]]", f'id = "{p.id}"', f'raft = "{p.raft}"',

@@ -25,7 +25,8 @@ from coordinator import state as sm
 from coordinator import wire
 from coordinator.aggregate import ServerSGD
 from coordinator.aggregation import AggregationAbort, PlainAggregation, SecureAggregation
-from coordinator.ledger import ChargeCalculator
+from coordinator.ledger import CHARGE_FIELDS, ChargeCalculator
+from coordinator.metrics import StageClock
 from coordinator.replica import CommandFailed
 from privacy.plan import RoundPlan, make_round_plan
 
@@ -94,6 +95,9 @@ class RoundDriver:
         self._wake = threading.Event()
         self._planning: dict[str, Any] | None = None
         self._hold_file = os.environ.get(FAULT_HOLD_ENV)
+        self._late: dict[tuple[str, int, int], dict[str, Any]] = {}  # runs to charge late
+        self._late_lock = threading.Lock()
+        self.metrics = getattr(node, "metrics", None)  # coordinator.metrics.NodeMetrics
 
     def stop(self) -> None:
         self.charges.close()
@@ -146,6 +150,33 @@ class RoundDriver:
         self._wake.set()
         return {"ok": True}
 
+    def settle(self, site: str, reported: Any) -> list[dict[str, Any]]:
+        """The ledger's answer on the DP runs a site reports as unsettled (its accountant
+        charged them; see `wire.unsettled_run`): `charged`, `uncharged` or `invalid` for
+        each run the site may forget. A run in an attempt aborted without its charge is
+        queued for `late_charge` and stays unanswered until that applies."""
+        if not isinstance(reported, list):
+            return []
+        runs: dict[tuple[int, int], dict[str, Any] | None] = {}
+        for raw in reported[:wire.MAX_UNSETTLED]:
+            run = wire.unsettled_run(raw)
+            if run is not None:
+                runs[(run["round"], run["attempt"])] = run
+            elif isinstance(raw, dict) and all(
+                    type(raw.get(k)) is int for k in ("round", "attempt")):
+                runs[(raw["round"], raw["attempt"])] = None
+        statuses = self.node.replica.state.read(
+            lambda st: {k: sm.charge_status(st, site, *k) for k in runs})
+        answers = []
+        for (rnd, attempt), run in runs.items():
+            status = "invalid" if run is None else statuses[(rnd, attempt)]
+            if run is not None and status == "chargeable":
+                with self._late_lock:
+                    self._late.setdefault((site, rnd, attempt), run)
+            elif status != "pending":
+                answers.append({"round": rnd, "attempt": attempt, "status": status})
+        return answers
+
     def progress(self) -> dict[str, Any] | None:
         s = self.session
         if s is None:
@@ -192,6 +223,9 @@ class RoundDriver:
             return
         term = replica.term()
         if self._claimed_term != term:
+            term = replica.leader_term()  # term() may already be a successor's
+            if term is None or term == self._claimed_term:
+                return
             self._drop_session()
             r = self._submit({"op": "claim", "term": term, "node": self.node.id})
             if not r["ok"]:
@@ -199,7 +233,8 @@ class RoundDriver:
                 time.sleep(0.2)
                 return
             self._claimed_term = term
-            log.info("node %s leads term %s", self.node.id, term)
+            log.info("node %s leads term %s", self.node.id, term,
+                     extra={"event": "leader_claimed", "term": term})
         st = replica.state.read(lambda s: {
             "round": s["round"], "pending": sm.training_pending(s), "last": sm.last_round(s),
             "attempts": dict(s["attempts"]), "config": s["training"]["config"],
@@ -214,6 +249,8 @@ class RoundDriver:
             # opened by an earlier leader (or an earlier, failed step): retry it afresh.
             self._abort(term, open_round["round"], open_round["attempt"],
                         "leader_change" if open_round["term"] != term else "driver_restart")
+            return
+        if self._settle_late(term):
             return
         if not st["pending"]:
             self._wake.wait(0.2)
@@ -231,7 +268,59 @@ class RoundDriver:
         self._drop_session()
         r = self._submit({"op": "round_abort", "term": term, "round": rnd, "attempt": attempt,
                           "reason": reason, "charges": charges or {}})
-        log.info("round %s.%s aborted (%s): %s", rnd, attempt, reason, r)
+        log.info("round %s.%s aborted (%s): %s", rnd, attempt, reason, r,
+                 extra={"event": "round_aborted", "round": rnd, "attempt": attempt, "term": term,
+                        "reason": reason, "applied": bool(r.get("ok"))})
+
+    def _settle_late(self, term: int) -> bool:
+        """Record the late charges sites reported (`settle`); True when any applied.
+
+        Runs in the driver thread between attempts only: every charge is computed over its
+        site's current history and applied before the next is computed, and none can slip
+        between an open attempt's charge (computed when the update arrived) and its commit.
+        """
+        with self._late_lock:
+            pending, self._late = self._late, {}
+        applied = False
+        for (site, rnd, attempt), run in pending.items():
+            if not self._leading(term) or self._stop.is_set():
+                break
+            status, record = self._late_view(site, rnd, attempt)
+            if status != "chargeable" or record is None:
+                continue
+            fut = self.charges.submit(record, {f"dp_{k}": run[k] for k in CHARGE_FIELDS})
+            if fut is None:
+                continue
+            try:
+                charge = fut.result(timeout=120)
+            except Exception as exc:
+                log.warning("site %s: late charge for %s.%s not computed (%s)", site, rnd,
+                            attempt, exc)
+                continue
+            seen = len(record["charges"])
+            r = self._submit({"op": "late_charge", "term": term, "round": rnd,
+                              "attempt": attempt, "site": site, "prior_charges": seen,
+                              "charge": charge,
+                              "request_id": f"late-charge:{site}:{rnd}.{attempt}:{term}:{seen}"})
+            applied = applied or bool(r.get("ok"))
+            extra = {"event": "late_charge", "site": site, "round": rnd, "attempt": attempt,
+                     "term": term, "applied": bool(r.get("ok")),
+                     "epsilon_total": charge["epsilon_total"]}
+            if r.get("overspent"):
+                log.error("site %s: late charge for %s.%s takes it to epsilon %.4g, OVER its "
+                          "budget: recorded, since the site has spent it", site, rnd, attempt,
+                          charge["epsilon_total"], extra=extra | {"overspent": True})
+            elif r.get("ok"):
+                log.info("site %s charged late for %s.%s: %s", site, rnd, attempt, charge,
+                         extra=extra)
+            else:
+                log.warning("late charge of %s for %s.%s refused: %s", site, rnd, attempt, r,
+                            extra=extra)
+        return applied
+
+    def _late_view(self, site: str, rnd: int, attempt: int) -> tuple[str, dict[str, Any] | None]:
+        return self.node.replica.state.read(
+            lambda st: (sm.charge_status(st, site, rnd, attempt), st["sites"].get(site)))
 
     def _sample(self, term: int, st: dict[str, Any]) -> list[str] | None:
         """Wait for enough sites online, then sample; None when leadership was lost."""
@@ -252,6 +341,8 @@ class RoundDriver:
             online = sorted(self.node.online.online() & eligible)
             late = time.monotonic() > deadline
             if len(online) >= want or (late and len(online) >= config["min_clients"]):
+                if self._settle_late(term):
+                    return None  # budgets changed: sample again from the new ledger
                 k = min(want, len(online))
                 return sorted(secrets.SystemRandom().sample(online, k))
             if late:
@@ -267,8 +358,28 @@ class RoundDriver:
         return None
 
     def _run_round(self, term: int, st: dict[str, Any]) -> None:
+        """One attempt, its stages timed: planning counts only if the attempt opened."""
         rnd = st["last"] + 1
         attempt = st["attempts"].get(rnd, 0) + 1
+        clock = StageClock(lambda stage, seconds: self._stage_done(
+            rnd, attempt, term, stage, seconds))
+        clock.enter("planning")
+        try:
+            self._run_attempt(term, st, rnd, attempt, clock)
+        finally:
+            if clock.stage == "planning":
+                clock.discard()
+            clock.close()
+
+    def _stage_done(self, rnd: int, attempt: int, term: int, stage: str, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_stage(stage, seconds)
+        log.info("round %s.%s stage %s took %.3fs", rnd, attempt, stage, seconds,
+                 extra={"event": "round_stage", "round": rnd, "attempt": attempt, "term": term,
+                        "stage": stage, "seconds": round(seconds, 6)})
+
+    def _run_attempt(self, term: int, st: dict[str, Any], rnd: int, attempt: int,
+                     clock: StageClock) -> None:
         config = st["config"]
         participants = self._sample(term, st)
         if participants is None:
@@ -309,7 +420,10 @@ class RoundDriver:
             return
         session.open_stage()
         self.session = session
-        log.info("round %s.%s open with %s", rnd, attempt, participants)
+        clock.enter(session.agg.stage)
+        log.info("round %s.%s open with %s", rnd, attempt, participants,
+                 extra={"event": "round_opened", "round": rnd, "attempt": attempt, "term": term,
+                        "participants": participants})
         self._notify()
 
         # the aggregation's stages, each until every expected site answered or its deadline
@@ -337,6 +451,7 @@ class RoundDriver:
             self._notify()
             if done:
                 break
+            clock.enter(session.agg.stage)
         survivors = session.agg.survivors()
         if len(survivors) < config["min_clients"]:
             self._abort(term, rnd, attempt,
@@ -345,6 +460,7 @@ class RoundDriver:
 
         # aggregate, replicate, commit
         session.phase = "aggregate"
+        clock.enter("aggregate")
         try:
             mean_delta = session.agg.mean_delta()
         except AggregationAbort as exc:
@@ -354,23 +470,29 @@ class RoundDriver:
         blob = wire.encode_model(wire.unflatten(new_vec, base_params))
         digest = wire.sha256_hex(blob)
         session.phase = "replicate"
+        clock.enter("replicate")
         holders = self.node.replicate_blob(blob, digest, config["replicate_timeout_s"])
-        if len(holders) < sm.quorum(len(self.node.config.all_nodes)):
+        cluster_size = self.node.membership.cluster_size()  # the live Raft membership
+        if len(holders) < sm.quorum(cluster_size):
             self._abort(term, rnd, attempt, "blob_replication_failed")
             return
         session.phase = "commit"
+        clock.enter("commit")
         self._hold("commit", term)
         charges = self._charges(session, survivors)
         r = self._submit({
             "op": "round_commit", "term": term, "round": rnd, "attempt": attempt,
             "node": self.node.id, "version": digest, "parent": st["head"], "size": len(blob),
             "survivors": survivors, "metrics": self._metrics(session, survivors),
-            "holders": holders, "cluster_size": len(self.node.config.all_nodes),
+            "holders": holders, "cluster_size": cluster_size,
             "charges": charges,
         })
         self._drop_session()
         if r["ok"]:
-            log.info("round %s committed %s", rnd, digest[:12])
+            log.info("round %s committed %s", rnd, digest[:12],
+                     extra={"event": "round_committed", "round": rnd, "attempt": attempt,
+                            "term": term, "version": digest, "survivors": survivors,
+                            "seconds": round(time.monotonic() - session.opened_at, 6)})
         else:
             log.warning("round_commit refused: %s", r)
             if r.get("code") == "overspend":

@@ -76,7 +76,15 @@ class LocalCluster:
     root: Path
     num_nodes: int = 3
     election: tuple[float, float] = (0.8, 1.6)
+    # where node i binds and is reached (default 127.0.0.1), e.g. its network namespace's
+    # address; node certificates name it as an IP subject alt name
+    hosts: list[str] | None = None
+    # argv prefix per node id or site, e.g. ["ip", "netns", "exec", NS]; it must exec
+    # the command in place so the pid we signal is the node's or agent's own
+    prefix: dict[str, list[str]] = field(default_factory=dict)
+    json_logs: bool = False  # nodes log one JSON object per line (`--json-logs`)
     nodes: list[NodeAddress] = field(default_factory=list)
+    metrics_addrs: dict[str, str] = field(default_factory=dict)  # node id -> /metrics host:port
     node_procs: dict[str, Proc] = field(default_factory=dict)
     site_procs: dict[str, Proc] = field(default_factory=dict)
     site_keys: dict[str, Ed25519PrivateKey] = field(default_factory=dict)
@@ -94,20 +102,25 @@ class LocalCluster:
         self.audit_key = self.root / "audit-key.pem"
         if not self.audit_key.exists():
             AuditSigner.generate().save(self.audit_key)
-        ports = free_ports(3 * self.num_nodes)
+        ports = free_ports(4 * self.num_nodes)  # raft, fleet, admin per node, then metrics
         for i in range(self.num_nodes):
             r, f, a = ports[3 * i: 3 * i + 3]
-            self.nodes.append(NodeAddress(f"n{i + 1}", f"127.0.0.1:{r}", f"127.0.0.1:{f}",
-                                          f"127.0.0.1:{a}"))
+            host = self.hosts[i] if self.hosts else "127.0.0.1"
+            self.nodes.append(NodeAddress(f"n{i + 1}", f"{host}:{r}", f"{host}:{f}",
+                                          f"{host}:{a}"))
+            self.metrics_addrs[f"n{i + 1}"] = f"{host}:{ports[3 * self.num_nodes + i]}"
         for node in self.nodes:
             d = self.root / node.id
-            ident = pki.issue(self.ca_dir, d / "tls", "node", node.id)
+            host = node.raft.rpartition(":")[0]
+            ident = pki.issue(self.ca_dir, d / "tls", "node", node.id,
+                              hosts=tuple(dict.fromkeys((host, "127.0.0.1", "localhost"))))
             (d / "node.toml").write_text(render_node_config(
                 node, [p for p in self.nodes if p != node], d / "data", ident.ca, ident.cert,
-                ident.key, self.election, self.audit_key))
+                ident.key, self.election, self.audit_key, self.metrics_addrs[node.id]))
             self.node_procs[node.id] = Proc(
-                node.id, [sys.executable, "-m", "coordinator", "node", "start", "--config",
-                          str(d / "node.toml")], d / "node.log")
+                node.id, [*self.prefix.get(node.id, []), sys.executable, "-m", "coordinator",
+                          "node", "start", "--config", str(d / "node.toml"),
+                          *(["--json-logs"] if self.json_logs else [])], d / "node.log")
         self.admin = AdminClient(OperatorConfig(tuple(n.admin for n in self.nodes), self.operator),
                                  timeout=10)
 
@@ -120,11 +133,36 @@ class LocalCluster:
     def start_node(self, node_id: str) -> None:
         self.node_procs[node_id].start(self.env)
 
+    def new_node(self, peers: list[str] | None = None) -> NodeAddress:
+        """Prepare (not start) one more node on 127.0.0.1 for `fedraft cluster add-node`.
+
+        Its node.toml lists `peers` (node ids; default every node so far) as a node
+        joining a running cluster must: every current member plus itself."""
+        node_id = f"n{len(self.nodes) + 1}"
+        r, f, a = free_ports(3)
+        node = NodeAddress(node_id, f"127.0.0.1:{r}", f"127.0.0.1:{f}", f"127.0.0.1:{a}")
+        members = [n for n in self.nodes if peers is None or n.id in peers]
+        d = self.root / node_id
+        ident = pki.issue(self.ca_dir, d / "tls", "node", node_id)
+        (d / "node.toml").write_text(render_node_config(
+            node, members, d / "data", ident.ca, ident.cert, ident.key, self.election,
+            self.audit_key, join=True))
+        self.nodes.append(node)
+        self.node_procs[node_id] = Proc(
+            node_id, [sys.executable, "-m", "coordinator", "node", "start", "--config",
+                      str(d / "node.toml"), *(["--json-logs"] if self.json_logs else [])],
+            d / "node.log")
+        return node
+
     def kill_node(self, node_id: str, sig: int = signal.SIGKILL) -> None:
         p = self.node_procs[node_id]
         p.signal(sig)
         if sig == signal.SIGKILL and p.popen is not None:
             p.popen.wait(5)
+
+    def metrics_url(self, node_id: str) -> str:
+        """Where node `node_id` serves Prometheus metrics (plain HTTP)."""
+        return f"http://{self.metrics_addrs[node_id]}/metrics"
 
     def admin_of(self, node_id: str) -> str:
         return next(n.admin for n in self.nodes if n.id == node_id)
@@ -236,8 +274,8 @@ seed = {seed}
 
     def start_site(self, site: str, config: Path) -> None:
         d = self.root / "sites" / site
-        proc = Proc(site, [sys.executable, "-m", "client", "run", "--config", str(config)],
-                    d / "agent.log")
+        proc = Proc(site, [*self.prefix.get(site, []), sys.executable, "-m", "client", "run",
+                           "--config", str(config)], d / "agent.log")
         self.site_procs[site] = proc
         proc.start(self.env)
 

@@ -7,6 +7,7 @@ or abandoned on a leader change, never trusted across one.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import signal
 import threading
@@ -17,19 +18,19 @@ from typing import Any
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from coordinator import pki, rpc, wire
+from coordinator import metrics, pki, rpc, wire
 from coordinator import state as sm
 from coordinator.audit_writer import AuditWriter, load_signer
 from coordinator.blobs import BlobError, BlobStore
 from coordinator.config import NodeAddress, NodeConfig
 from coordinator.driver import RoundDriver
+from coordinator.membership import Membership
 from coordinator.replica import CommandFailed, Replica
 
 log = logging.getLogger(__name__)
 
-ADMIN_WRITERS = frozenset({"operator", "node"})
 ADMIN_READERS = frozenset({"operator", "node", "auditor"})
-OPERATOR_ONLY = frozenset({"operator"})  # people's decisions no node ever makes itself
+OPERATOR_ONLY = frozenset({"operator"})  # people's decisions: no node makes them itself
 NODE_ONLY = frozenset({"node"})
 FLEET_CALLERS = frozenset({"client"})
 
@@ -59,14 +60,15 @@ class Node:
         self.identity = pki.Identity(config.ca, config.cert, config.key)
         self.blobs = BlobStore(config.data_dir / "blobs")
         self.online = OnlineSites()
-        self.by_raft: dict[str, NodeAddress] = {n.raft: n for n in config.all_nodes}
         self.tasks_changed = threading.Condition()
         self._missing_blobs: set[str] = set()
         self._fetch_wakeup = threading.Event()
         self._stopping = threading.Event()
         self._peer_channels: dict[str, wire.Channel] = {}
         self._pool = ThreadPoolExecutor(max_workers=8)
-        self.audit = AuditWriter(config.audit_db, load_signer(config.audit_key))
+        self.metrics = metrics.NodeMetrics()  # before the replica: its hook counts replays
+        self.audit = AuditWriter(config.audit_db, load_signer(config.audit_key),
+                                 on_written=self.metrics.audit_written)
         self.replica = Replica(
             config.self_addr.raft,
             [p.raft for p in config.peers],
@@ -74,7 +76,10 @@ class Node:
             config.raft_password,
             (config.election_min_s, config.election_max_s),
             on_applied=self._on_applied,
+            join=config.join,
         )
+        self.membership = Membership(self)  # live members and endpoints, not the static config
+        self.metrics.watch(metrics.node_view(self))
         self.driver = RoundDriver(self)
         self.fleet_server = rpc.make_server(self.identity, config.self_addr.fleet, {
             wire.FLEET_SERVICE: {
@@ -82,28 +87,34 @@ class Node:
                 "GetBlob": (self.fleet_get_blob, FLEET_CALLERS),
                 "Submit": (self.fleet_submit, FLEET_CALLERS),
             }
-        }, workers=config.fleet_workers)
+        }, workers=config.fleet_workers, observe=self.metrics.observe_rpc)
         self.admin_server = rpc.make_server(self.identity, config.self_addr.admin, {
             wire.ADMIN_SERVICE: {
                 "Status": (self.admin_status, ADMIN_READERS),
                 "Sites": (self.admin_sites, ADMIN_READERS),
                 "RoundStatus": (self.admin_round_status, ADMIN_READERS),
                 "GetBlob": (self.admin_get_blob, ADMIN_READERS),
-                "Enroll": (self.admin_enroll, ADMIN_WRITERS),
-                "Revoke": (self.admin_revoke, ADMIN_WRITERS),
+                "Enroll": (self.admin_enroll, OPERATOR_ONLY),
+                "Revoke": (self.admin_revoke, OPERATOR_ONLY),
                 "SetBudget": (self.admin_set_budget, OPERATOR_ONLY),
-                "InitModel": (self.admin_init_model, ADMIN_WRITERS),
-                "Train": (self.admin_train, ADMIN_WRITERS),
-                "Stop": (self.admin_stop, ADMIN_WRITERS),
+                "InitModel": (self.admin_init_model, OPERATOR_ONLY),
+                "Train": (self.admin_train, OPERATOR_ONLY),
+                "Stop": (self.admin_stop, OPERATOR_ONLY),
                 "PutBlob": (self.admin_put_blob, NODE_ONLY),
+                "AddNode": (self.membership.admin_add_node, OPERATOR_ONLY),
+                "RemoveNode": (self.membership.admin_remove_node, OPERATOR_ONLY),
+                "TransferLeader": (self.membership.admin_transfer_leader, OPERATOR_ONLY),
             }
-        })
+        }, observe=self.metrics.observe_rpc)
 
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
         self.fleet_server.start()
         self.admin_server.start()
+        if self.config.metrics_bind:
+            host, port = self.metrics.serve(self.config.metrics_bind)
+            log.info("node %s serves /metrics on %s:%s", self.id, host, port)
         threading.Thread(target=self.driver.run, name="round-driver", daemon=True).start()
         threading.Thread(target=self._fetch_loop, name="blob-fetcher", daemon=True).start()
         log.info("node %s up: raft %s fleet %s admin %s", self.id, self.config.self_addr.raft,
@@ -118,6 +129,7 @@ class Node:
         self.admin_server.stop(1)
         self.replica.destroy()
         self.audit.close()
+        self.metrics.close()
 
     def wait(self) -> None:
         done = threading.Event()
@@ -131,6 +143,7 @@ class Node:
     def _on_applied(self, command: dict, result: dict, state: dict) -> None:
         """Runs on the Raft thread: only cheap bookkeeping here."""
         self.audit.record(command, result, state)
+        self.metrics.on_applied(command, result, state)
         if not result.get("ok"):
             return
         if command.get("op") in ("genesis", "round_commit"):
@@ -154,7 +167,7 @@ class Node:
                     self._missing_blobs.discard(digest)
 
     def fetch_from_peers(self, digest: str) -> bool:
-        for peer in self.config.peers:
+        for peer in self.membership.peers():
             try:
                 reply = self.peer(peer).call(wire.ADMIN_SERVICE, "GetBlob", {"hash": digest},
                                              timeout=10)
@@ -176,7 +189,7 @@ class Node:
 
     def leader_address(self) -> NodeAddress | None:
         leader = self.replica.leader()
-        return self.by_raft.get(leader) if leader else None
+        return self.membership.address(leader) if leader else None
 
     def replicate_blob(self, data: bytes, digest: str, timeout: float) -> list[str]:
         """Store locally, push to peers, return the ids of nodes that hold the blob."""
@@ -191,17 +204,24 @@ class Node:
             except grpc.RpcError:
                 return None
 
-        futures = [self._pool.submit(push, p) for p in self.config.peers]
-        need = sm.quorum(len(self.config.all_nodes))
+        pending = {self._pool.submit(push, p) for p in self.membership.peers()}
+        need = sm.quorum(self.membership.cluster_size())
         deadline = time.monotonic() + timeout
-        for f in futures:
-            try:
-                got = f.result(timeout=max(0.0, deadline - time.monotonic()))
-            except Exception:
-                got = None
-            if got:
-                holders.append(got)
-            if len(holders) >= need and all(f.done() for f in futures):
+        grace_until: float | None = None
+        # Return once a quorum holds the blob (plus a short grace for the others), so an
+        # unreachable peer costs the round nothing; its push goes on in the background.
+        while pending:
+            until = deadline if grace_until is None else min(deadline, grace_until)
+            done, pending = concurrent.futures.wait(
+                pending, timeout=max(0.0, until - time.monotonic()),
+                return_when=concurrent.futures.FIRST_COMPLETED)
+            for f in done:
+                got = f.result() if f.exception() is None else None
+                if got:
+                    holders.append(got)
+            if len(holders) >= need and grace_until is None:
+                grace_until = time.monotonic() + 0.2
+            if time.monotonic() >= until:
                 break
         return holders
 
@@ -228,16 +248,19 @@ class Node:
         wait = msg.get("wait", 0.0)
         wait = min(float(wait), wire.POLL_WAIT_MAX_S) if isinstance(wait, int | float) else 0.0
         deadline = time.monotonic() + max(0.0, wait)
+        ledger: list[dict[str, Any]] | None = None
         while True:
             if not self.replica.is_leader():
                 return self._redirect()
+            if ledger is None:  # before `touch`: a site online has its late runs queued
+                ledger = self.driver.settle(site, msg.get("unsettled"))
             self.online.touch(site)
             task = self.driver.task_for(site)
             if task is not None:
-                return {"ok": True, "status": "task", "task": task}
+                return {"ok": True, "status": "task", "task": task, "ledger": ledger}
             left = deadline - time.monotonic()
             if left <= 0 or self._stopping.is_set():
-                return {"ok": True, "status": "idle"}
+                return {"ok": True, "status": "idle", "ledger": ledger}
             with self.tasks_changed:
                 self.tasks_changed.wait(min(left, 1.0))
 
@@ -250,7 +273,8 @@ class Node:
         if not self.replica.is_leader():
             return self._redirect() | {"ok": False, "code": "not_leader",
                                        "error": "this node is not the leader"}
-        return self.driver.accept_update(site, msg)
+        ledger = self.driver.settle(site, msg.get("unsettled"))
+        return self.driver.accept_update(site, msg) | {"ledger": ledger}
 
     # ------------------------------------------------------------ admin API (CLI, peers)
 
@@ -291,8 +315,9 @@ class Node:
             "ok": True, "node": self.id, "raft": raft, "state": view,
             "leader": leader.id if leader else None,
             "leader_admin": leader.admin if leader else None,
-            "nodes": [{"id": n.id, "raft": n.raft, "fleet": n.fleet, "admin": n.admin}
-                      for n in self.config.all_nodes],
+            "nodes": self.membership.nodes(),
+            "self": {"id": self.id, "raft": self.config.self_addr.raft,
+                     "fleet": self.config.self_addr.fleet, "admin": self.config.self_addr.admin},
             "clients_online": sorted(self.online.online()) if self.replica.is_leader() else None,
         }
 
@@ -343,7 +368,7 @@ class Node:
         digest = wire.sha256_hex(data)
         holders = self.replicate_blob(data, digest, timeout=15.0)
         return self._submit({"op": "genesis", "version": digest, "size": len(data),
-                             "holders": holders, "cluster_size": len(self.config.all_nodes),
+                             "holders": holders, "cluster_size": self.membership.cluster_size(),
                              "request_id": msg.get("request_id")})
 
     def admin_train(self, msg: dict[str, Any], caller: rpc.Caller) -> dict[str, Any]:

@@ -21,9 +21,12 @@ Result = dict[str, Any]
 
 SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
+HOST_PORT = re.compile(r"^[A-Za-z0-9_.:\[\]-]{1,253}:[0-9]{1,5}$")
 MAX_REMEMBERED_REQUESTS = 10_000
 MAX_LEADER_HISTORY = 200
 MAX_METRICS = 64
+MAX_MEMBERS = 64
+MEMBERSHIP_CHANGES = ("add", "remove", "transfer")
 DEFAULT_EPSILON = 8.0
 DEFAULT_DELTA = 1e-5
 
@@ -72,6 +75,7 @@ def initial_state() -> State:
         "attempts": {},  # round -> attempts opened so far
         "requests": {},  # request_id -> result, for idempotent retries
         "request_order": [],
+        "members": None,  # after the first membership change: [{"id", "raft", "fleet", "admin"}]
     }
 
 
@@ -98,6 +102,29 @@ def training_pending(state: State) -> bool:
 
 def quorum(cluster_size: int) -> int:
     return cluster_size // 2 + 1
+
+
+def charge_status(state: State, site: str, rnd: int, attempt: int) -> str:
+    """What the ledger says of a site's DP run in one attempt, for the site to settle it.
+
+    "charged": a charge is recorded; "chargeable": the attempt was aborted with the site
+    among its participants but no charge (its leader died holding the update), so a
+    `late_charge` may record it; "uncharged": the attempt ended, or its round committed,
+    and will never charge the site (committed without it, not sampled, or no such
+    attempt); "pending": still open, or unknown here.
+    """
+    hist = state["history"].get(rnd)
+    if hist is None:
+        return "pending"
+    committed = hist["committed"]
+    if committed is not None and committed["attempt"] == attempt:
+        return "charged" if site in committed["charges"] else "uncharged"
+    for aborted in hist["aborted"]:
+        if aborted["attempt"] == attempt:
+            if site in aborted["charges"]:
+                return "charged"
+            return "chargeable" if site in aborted["participants"] else "uncharged"
+    return "pending" if committed is None else "uncharged"
 
 
 # ---------------------------------------------------------------- validation helpers
@@ -176,21 +203,28 @@ def _charges(state: State, cmd: Command, participants: list[str]) -> dict[str, d
     for site, c in raw.items():
         if site not in participants:
             raise Rejected("malformed", f"charge for {site!r}, who is not a participant")
-        if not isinstance(c, dict) or set(c) != set(CHARGE_NUMBERS):
-            raise Rejected("malformed", f"charge for {site!r} needs exactly {CHARGE_NUMBERS}")
-        for k, v in c.items():
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
-                raise Rejected("malformed", f"charge {site}.{k} must be a finite number >= 0")
-        rec = state["sites"][site]
-        if c["delta"] != rec["budget"]["delta"]:
-            raise Rejected("malformed", f"charge for {site!r} uses another delta than its budget")
-        if c["epsilon_total"] < rec["spent"] - 1e-9:
-            raise Rejected("malformed", f"cumulative epsilon of {site!r} would decrease")
-        if c["epsilon_total"] > rec["budget"]["epsilon"] + 1e-9:
-            raise Rejected("overspend", f"{site!r} would spend {c['epsilon_total']:.4g} of a "
-                           f"budget of {rec['budget']['epsilon']:.4g}")
-        out[site] = {k: float(v) for k, v in c.items()}
+        out[site] = _charge_numbers(state, site, c)
+        budget = state["sites"][site]["budget"]["epsilon"]
+        if out[site]["epsilon_total"] > budget + 1e-9:
+            raise Rejected("overspend", f"{site!r} would spend {out[site]['epsilon_total']:.4g} "
+                           f"of a budget of {budget:.4g}")
     return out
+
+
+def _charge_numbers(state: State, site: str, c: Any) -> dict[str, float]:
+    """One charge's numbers: all present, finite, >= 0, at the budget's delta, and a
+    cumulative epsilon that does not go below what the site has spent."""
+    if not isinstance(c, dict) or set(c) != set(CHARGE_NUMBERS):
+        raise Rejected("malformed", f"charge for {site!r} needs exactly {CHARGE_NUMBERS}")
+    for k, v in c.items():
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+            raise Rejected("malformed", f"charge {site}.{k} must be a finite number >= 0")
+    rec = state["sites"][site]
+    if c["delta"] != rec["budget"]["delta"]:
+        raise Rejected("malformed", f"charge for {site!r} uses another delta than its budget")
+    if c["epsilon_total"] < rec["spent"] - 1e-9:
+        raise Rejected("malformed", f"cumulative epsilon of {site!r} would decrease")
+    return {k: float(v) for k, v in c.items()}
 
 
 def _spend(state: State, rnd: int, attempt: int, charges: dict[str, dict[str, float]]) -> None:
@@ -477,6 +511,104 @@ def _op_round_commit(state: State, cmd: Command) -> Result:
     return {"round": r["round"], "version": version}
 
 
+def _op_late_charge(state: State, cmd: Command) -> Result:
+    """Charge a site for its DP run in an attempt aborted without that charge.
+
+    The leader that held the site's update died, so the abort recorded nothing, but the
+    site's own accountant did charge the run; the site reports it and the current leader
+    charges it here, so that the ledger matches the site. The leader computed the charge
+    over the site's recorded history, so it is valid only as the next entry of that
+    history: `prior_charges` (the count of charges it saw) must still be the site's count.
+
+    A total over the budget is recorded all the same and reported as `overspent`: the
+    privacy is already spent, and refusing the charge would leave the ledger (and the
+    audit log) understating it. The site cannot overspend again: the driver samples no
+    site that cannot afford a round, and `round_commit` refuses overspending charges.
+    """
+    term = _fenced(state, cmd)
+    rnd = _need(cmd, "round", int)
+    attempt = _need(cmd, "attempt", int)
+    seen = _need(cmd, "prior_charges", int)
+    site = _site_id(cmd.get("site"))
+    rec = state["sites"].get(site)
+    if rec is None:
+        raise Rejected("unknown_site", f"site {site!r} is not enrolled")
+    hist = state["history"].get(rnd)
+    aborted = next((a for a in hist["aborted"] if a["attempt"] == attempt), None) if hist else None
+    if aborted is None:
+        done = hist is not None and (hist["committed"] or {}).get("attempt") == attempt
+        raise Rejected("not_aborted", f"attempt {rnd}.{attempt} is "
+                       f"{'committed' if done else 'open or unknown'}; only an aborted "
+                       "attempt takes late charges")
+    if site not in aborted["participants"]:
+        raise Rejected("not_participant", f"{site!r} was not a participant of {rnd}.{attempt}")
+    if site in aborted["charges"]:
+        raise Rejected("already_charged", f"{site!r} is already charged for {rnd}.{attempt}")
+    if seen != len(rec["charges"]):
+        raise Rejected("stale_history", f"charge computed over {seen} runs of {site!r}; "
+                       f"the ledger now holds {len(rec['charges'])}")
+    charge = _charge_numbers(state, site, cmd.get("charge"))
+    aborted["charges"][site] = charge
+    _spend(state, rnd, attempt, {site: charge})
+    return {"round": rnd, "attempt": attempt, "term": term, "site": site, "charge": dict(charge),
+            "overspent": charge["epsilon_total"] > rec["budget"]["epsilon"] + 1e-9}
+
+
+def _host_port(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not HOST_PORT.match(value) or not 0 < int(
+            value.rpartition(":")[2]) < 65536:
+        raise Rejected("malformed", f"{what} must be host:port, got {value!r}")
+    return value
+
+
+def _member(raw: Any) -> dict[str, str]:
+    if not isinstance(raw, dict) or set(raw) != {"id", "raft", "fleet", "admin"}:
+        raise Rejected("malformed", "each member needs exactly id, raft, fleet and admin")
+    node_id = raw["id"]
+    if not isinstance(node_id, str) or not 0 < len(node_id) <= 64:
+        raise Rejected("malformed", f"bad node id {node_id!r}")
+    return {"id": node_id, **{k: _host_port(raw[k], f"member {node_id} {k}")
+                              for k in ("raft", "fleet", "admin")}}
+
+
+def _op_membership(state: State, cmd: Command) -> Result:
+    """Record a Raft membership change the leader has already made (pysyncobj's own
+    entry is not one of our commands): the member list after it, for the audit log and
+    so that every node, a newly added one included, knows every member's endpoints.
+
+    The list is what the leader observed, not derived from the previous record: a
+    leader that died between the change and this record leaves a gap the next record
+    closes. A request id is required, so a retried record is applied once.
+    """
+    if not isinstance(cmd.get("request_id"), str):
+        raise Rejected("malformed", "a membership record needs a request_id")
+    change = cmd.get("change")
+    if change not in MEMBERSHIP_CHANGES:
+        raise Rejected("malformed", f"change must be one of {', '.join(MEMBERSHIP_CHANGES)}")
+    node = _host_port(cmd.get("node"), "node")
+    raw = _need(cmd, "members", list)
+    if not 0 < len(raw) <= MAX_MEMBERS:
+        raise Rejected("malformed", f"members must list 1 to {MAX_MEMBERS} nodes")
+    members = sorted((_member(m) for m in raw), key=lambda m: m["raft"])
+    rafts = [m["raft"] for m in members]
+    if len(set(rafts)) != len(rafts) or len({m["id"] for m in members}) != len(members):
+        raise Rejected("malformed", "members repeat a node id or Raft address")
+    if (node in rafts) == (change == "remove"):
+        raise Rejected("malformed", f"after {change} of {node}, it must "
+                       f"{'not ' if change == 'remove' else ''}be a member")
+    node_id = cmd.get("node_id", node)
+    if change != "remove":
+        node_id = next(m["id"] for m in members if m["raft"] == node)
+    elif not isinstance(node_id, str) or not 0 < len(node_id) <= 64:
+        raise Rejected("malformed", f"bad node id {node_id!r}")
+    operator = cmd.get("operator")
+    if operator is not None and not (isinstance(operator, str) and len(operator) <= 128):
+        raise Rejected("malformed", "operator must be a name of at most 128 characters")
+    state["members"] = members
+    return {"change": change, "node": node, "node_id": node_id, "members": rafts,
+            "operator": operator}
+
+
 OPS: dict[str, Callable[[State, Command], Result]] = {
     "barrier": _op_barrier,
     "claim": _op_claim,
@@ -489,6 +621,8 @@ OPS: dict[str, Callable[[State, Command], Result]] = {
     "round_open": _op_round_open,
     "round_abort": _op_round_abort,
     "round_commit": _op_round_commit,
+    "late_charge": _op_late_charge,
+    "membership": _op_membership,
 }
 
 

@@ -3,8 +3,10 @@ accountant the caller passes in).
 
 Why a walk and not a per-charge check: under the PRV accountant a site's epsilon is a
 function of its whole history of DP-SGD runs, not a sum of per-round costs. Each charge in
-a ``round_committed`` or charged ``round_aborted`` entry records the run's parameters, the
-site's cumulative ``epsilon_total`` after it and the round's ``epsilon`` (the increase).
+a ``round_committed``, charged ``round_aborted`` or ``charge_recorded`` entry (a late charge
+on an attempt whose leader died) records the run's parameters, the site's cumulative
+``epsilon_total`` after it and the round's ``epsilon`` (the increase). A late charge joins
+the site's history where the log records it, as it joined the leader's ledger.
 ``ChargeChecker`` follows the log in order, keeps each site's history of ``DPStep``s and
 recomputes both numbers exactly as the leader did (``coordinator.ledger``: same conversion,
 same accountant, same increase), so an honest log matches bit for bit. Along the way it

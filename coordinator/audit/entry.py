@@ -37,13 +37,15 @@ KEY_ROTATION = "key_rotation"
 ROUND_OPENED = "round_opened"
 ROUND_COMMITTED = "round_committed"
 ROUND_ABORTED = "round_aborted"
+CHARGE_RECORDED = "charge_recorded"
+"""A late charge on an aborted attempt: its leader died holding the site's update."""
 MODEL_GENESIS = "model_genesis"
 CLIENT_ENROLLED = "client_enrolled"
 CLIENT_REVOKED = "client_revoked"
 BUDGET_CHANGED = "budget_changed"
 MEMBERSHIP_CHANGED = "membership_changed"
 
-ROUND_KINDS = frozenset({ROUND_OPENED, ROUND_COMMITTED, ROUND_ABORTED})
+ROUND_KINDS = frozenset({ROUND_OPENED, ROUND_COMMITTED, ROUND_ABORTED, CHARGE_RECORDED})
 KEY_KINDS = frozenset({GENESIS, KEY_ROTATION})
 MODEL_KINDS = frozenset({MODEL_GENESIS, ROUND_COMMITTED})
 CHARGE_FIELDS = ("noise_multiplier", "sample_rate", "steps", "clip_norm", "epsilon", "delta")
@@ -257,6 +259,13 @@ _RULES: dict[str, dict[str, Any]] = {
         "charges": _is_charges,
     },
     ROUND_ABORTED: {"round": _is_int, "attempt": _is_int, "term": _is_int, "reason": _is_str},
+    CHARGE_RECORDED: {
+        "round": _is_int,
+        "attempt": _is_int,
+        "term": _is_int,
+        "site": _is_str,
+        "charges": _is_charges,
+    },
     MODEL_GENESIS: {"version": _is_hex, "size": _is_int},
     CLIENT_ENROLLED: {
         "site": _is_str,
@@ -303,8 +312,10 @@ def validate_payload(kind: str, payload: Mapping[str, Any]) -> None:
             raise PayloadError(f"{kind}: payload lacks {field!r}")
         if not rule(payload[field]):
             raise PayloadError(f"{kind}: {field!r} must be {_RULE_HINTS[rule]}")
-    if kind in (ROUND_OPENED, ROUND_COMMITTED, ROUND_ABORTED) and payload["round"] < 0:
+    if kind in ROUND_KINDS and payload["round"] < 0:
         raise PayloadError(f"{kind}: 'round' must not be negative")
+    if kind == CHARGE_RECORDED and list(payload["charges"]) != [payload["site"]]:
+        raise PayloadError(f"{kind}: 'charges' must charge exactly the entry's site")
 
 
 __all__ = [

@@ -12,6 +12,7 @@ from typing import Any
 
 from coordinator.audit.entry import (
     BUDGET_CHANGED,
+    CHARGE_RECORDED,
     CLIENT_ENROLLED,
     MODEL_GENESIS,
     ROUND_ABORTED,
@@ -122,6 +123,9 @@ def group_rounds(entries: Iterable[Entry]) -> dict[int, RoundView]:
             attempt = Attempt(attempt=attempt_no)
             view.attempts.append(attempt)
         attempt.seqs.append(e.seq)
+        if e.kind == CHARGE_RECORDED:  # a late charge on an aborted attempt, by a later term
+            attempt.charges.update(p.get("charges") or {})
+            continue
         attempt.term = p.get("term", attempt.term)
         if e.kind == ROUND_OPENED:
             attempt.participants = list(p.get("participants", []))
@@ -221,7 +225,8 @@ class SpendSeries:
 
 
 def privacy_spend(entries: Sequence[Entry] | Iterable[Entry]) -> dict[str, SpendSeries]:
-    """Per-site cumulative epsilon over committed and aborted attempts, plus budgets.
+    """Per-site cumulative epsilon over committed and aborted attempts (late charges
+    included, in log order), plus budgets.
 
     Charges that record `epsilon_total` (the site's spend under the PRV accountant over
     its whole history, what the ledger caps) are taken as they are; older charges
@@ -234,7 +239,7 @@ def privacy_spend(entries: Sequence[Entry] | Iterable[Entry]) -> dict[str, Spend
             s = series.setdefault(p["site"], SpendSeries(p["site"]))
             if isinstance(p.get("epsilon"), int | float):
                 s.budget = float(p["epsilon"])
-        elif e.kind in (ROUND_COMMITTED, ROUND_ABORTED):
+        elif e.kind in (ROUND_COMMITTED, ROUND_ABORTED, CHARGE_RECORDED):
             charges = p.get("charges") or {}
             for site in sorted(charges):
                 eps = charges[site].get("epsilon") if isinstance(charges[site], dict) else None

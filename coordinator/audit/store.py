@@ -43,6 +43,7 @@ from coordinator.audit import bundle as bundle_mod
 from coordinator.audit.canonical import CanonicalError, canonical_text, normalize
 from coordinator.audit.entry import (
     BUDGET_CHANGED,
+    CHARGE_RECORDED,
     CLIENT_ENROLLED,
     ENTRY_CONTEXT,
     GENESIS,
@@ -698,7 +699,7 @@ class AuditStore:
 
     def spend(self) -> dict[str, SpendSeries]:
         """Cumulative recorded epsilon per site by round, with each site's budget."""
-        kinds = (CLIENT_ENROLLED, BUDGET_CHANGED, ROUND_COMMITTED, ROUND_ABORTED)
+        kinds = (CLIENT_ENROLLED, BUDGET_CHANGED, ROUND_COMMITTED, ROUND_ABORTED, CHARGE_RECORDED)
         return privacy_spend(self._select(_E.kind.in_(kinds)))
 
     def keys(self) -> list[KeyInForce]:

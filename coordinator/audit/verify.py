@@ -43,6 +43,7 @@ from coordinator.audit.canonical import CanonicalError, is_sha256_hex
 from coordinator.audit.charges import Accountant, ChargeChecker
 from coordinator.audit.entry import (
     BUDGET_CHANGED,
+    CHARGE_RECORDED,
     CLIENT_ENROLLED,
     ENTRY_CONTEXT,
     GENESIS,
@@ -68,7 +69,8 @@ from coordinator.audit.keys import (
 from coordinator.audit.merkle import MerkleAccumulator
 
 BlobLookup = Callable[[str], Path | None]
-_CHARGE_KINDS = frozenset({ROUND_COMMITTED, ROUND_ABORTED, CLIENT_ENROLLED, BUDGET_CHANGED})
+_CHARGE_KINDS = frozenset({ROUND_COMMITTED, ROUND_ABORTED, CHARGE_RECORDED, CLIENT_ENROLLED,
+                           BUDGET_CHANGED})
 """Entries the charge walk reads: charges, and the budgets they are held against."""
 
 

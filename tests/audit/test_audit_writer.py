@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from coordinator.audit import AuditSigner
-from coordinator.audit.entry import validate_payload
+from coordinator.audit.entry import PayloadError, validate_payload
 from coordinator.audit.store import open_readonly
 from coordinator.audit_writer import AuditWriter, audit_record
 from coordinator.state import apply, initial_state
@@ -72,5 +74,54 @@ def test_writer_puts_budget_changes_in_the_log(tmp_path: Path, signer: AuditSign
         assert (second["old_epsilon"], second["epsilon"], second["old_delta"]) == (6.0, 4.0, 1e-6)
         assert store.verify(genesis_key=signer.public_key).ok
         assert store.spend()["site-a"].budget == 4.0  # the auditor's view follows the change
+    finally:
+        store.close()
+
+
+BASE = "0" * 64
+CHARGE = {"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 10.0, "clip_norm": 1.0,
+          "epsilon": 0.5, "delta": 1e-5, "epsilon_total": 0.5}
+ABORTED = [  # site-a's attempt 1.1 aborted uncharged (its leader died), then charged late
+    {"op": "genesis", "version": BASE, "size": 1, "holders": ["n1"], "cluster_size": 1},
+    {"op": "claim", "term": 1, "node": "n1"},
+    {"op": "train", "rounds": 1, "config": {"min_clients": 1, "secure_aggregation": False}},
+    {"op": "round_open", "term": 1, "round": 1, "attempt": 1, "base": BASE,
+     "participants": ["site-a"], "seed": "s"},
+    {"op": "round_abort", "term": 1, "round": 1, "attempt": 1, "reason": "leader_change"},
+]
+LATE = {"op": "late_charge", "term": 1, "round": 1, "attempt": 1, "site": "site-a",
+        "prior_charges": 0, "charge": CHARGE, "request_id": "l1"}
+
+
+def test_late_charge_is_recorded_with_its_charge() -> None:
+    state = _enrolled()
+    for cmd in ABORTED:
+        assert apply(state, cmd)["ok"]
+    record = _applied(state, dict(LATE))
+    assert record == ("charge_recorded", {"round": 1, "attempt": 1, "term": 1, "site": "site-a",
+                                          "charges": {"site-a": CHARGE}, "overspent": False})
+    validate_payload(*record)
+    assert _applied(state, dict(LATE)) is None  # retried: recorded once
+    with pytest.raises(PayloadError):
+        validate_payload("charge_recorded", {**record[1], "charges": {"site-b": CHARGE}})
+
+
+def test_writer_keeps_each_entry_as_applied(tmp_path: Path, signer: AuditSigner) -> None:
+    """A late charge changes the aborted attempt's charges in the state; the abort's entry,
+    still queued for the writer thread (as in a replay after a restart), must not change."""
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    writer = AuditWriter(url, signer)
+    state = initial_state()
+    try:
+        for cmd in [{"op": "enroll", "site": "site-a", "public_key": KEY, "epsilon": 3.0,
+                     "delta": 1e-5}, *ABORTED, dict(LATE)]:
+            writer.record(cmd, apply(state, cmd), state)
+    finally:
+        writer.close()
+    store = open_readonly(url)
+    try:
+        by_kind = {e.kind: e.payload for e in store.entries()}
+        assert by_kind["round_aborted"]["charges"] == {}
+        assert by_kind["charge_recorded"]["charges"] == {"site-a": CHARGE}
     finally:
         store.close()

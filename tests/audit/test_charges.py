@@ -299,3 +299,95 @@ def test_unreadable_charge_is_named_once(field_name: str, value: Any, says: str)
         checker.observe(e, lambda reason, seq: issues.append((reason, seq)))
     assert len(issues) == 1 and issues[0][1] == 1 and says in issues[0][0]
     assert checker.checked == 1  # the later charge is not judged on a partial history
+
+
+# --- late charges: an attempt whose leader died, charged afterwards -----------------------
+
+
+def write_late_charge_log(store: AuditStore) -> dict[str, int]:
+    """What a cluster applies when the leader of attempt 1.1 dies holding A's and B's
+    updates: term 2 aborts 1.1 with no charges, commits 1.2 charging both, then charges
+    both late for 1.1 (`late_charge`). Entries come from the node's own audit writer."""
+    from coordinator.audit_writer import audit_record
+    from coordinator.state import apply, initial_state
+
+    state, seqs = initial_state(), {}
+
+    def run(name: str, cmd: dict[str, Any]) -> dict[str, Any]:
+        result = apply(state, cmd)
+        assert result["ok"], result
+        record = audit_record(cmd, result, state)
+        if record is not None:
+            seqs[name] = store.append(*record, raft_index=state["seq"]).seq
+        return result
+
+    def charge(site: str, run_: dict[str, Any]) -> dict[str, float]:
+        rec = state["sites"][site]
+        history = [{k: c[k] for k in ("noise_multiplier", "sample_rate", "steps", "clip_norm")}
+                   for c in rec["charges"]]
+        return compute_charge(history, run_, DELTA, rec["spent"])
+
+    for site in (A, B):
+        run(f"enroll {site}", {"op": "enroll", "site": site, "epsilon": 8.0, "delta": DELTA,
+                               "public_key": hashlib.sha256(site.encode()).hexdigest()})
+    run("genesis", {"op": "genesis", "version": _version(0), "size": 100, "holders": ["n1"],
+                    "cluster_size": 1})
+    run("claim 1", {"op": "claim", "term": 1, "node": "n1"})
+    run("train", {"op": "train", "rounds": 1})
+    opened = {"op": "round_open", "round": 1, "base": _version(0), "participants": [A, B],
+              "seed": "s"}
+    run("open 1.1", {**opened, "term": 1, "attempt": 1})
+    run("claim 2", {"op": "claim", "term": 2, "node": "n2"})
+    run("abort 1.1", {"op": "round_abort", "term": 2, "round": 1, "attempt": 1,
+                      "reason": "leader_change"})
+    run("open 1.2", {**opened, "term": 2, "attempt": 2})
+    run("commit 1.2", {"op": "round_commit", "term": 2, "round": 1, "attempt": 2,
+                       "version": _version(1), "parent": _version(0), "size": 100,
+                       "survivors": [A, B], "holders": ["n2"], "cluster_size": 1,
+                       "charges": {A: charge(A, RUN_A), B: charge(B, RUN_B)}})
+    for site, run_ in ((A, RUN_A), (B, RUN_B)):
+        run(f"late {site}", {"op": "late_charge", "term": 2, "round": 1, "attempt": 1,
+                             "site": site, "charge": charge(site, run_),
+                             "prior_charges": len(state["sites"][site]["charges"])})
+    return seqs
+
+
+@pytest.fixture(scope="module")
+def late_log(signer: AuditSigner) -> Log:
+    with AuditStore("sqlite://", signer=signer, checkpoint_every=4) as store:
+        seqs = write_late_charge_log(store)
+        assert store.round(1).attempts[0].charges.keys() == {A, B}  # shown on attempt 1.1
+        spend = store.spend()
+        assert spend[A].rounds == [1, 1] and spend[A].cumulative[-1] == pytest.approx(
+            prv_epsilon([DPStep(**RUN_A)] * 2, DELTA))
+        return store.entries(), store.checkpoints(), seqs
+
+
+def test_late_charges_verify_as_part_of_each_history(late_log: Log, signer: AuditSigner) -> None:
+    entries, _, seqs = late_log
+    assert entries[seqs[f"late {A}"]].kind == "charge_recorded"
+    report = _verify(late_log, signer, accountant=prv_epsilon, charge_rel_tol=0.0,
+                     charge_abs_tol=0.0)
+    assert report.ok, report.issues
+    assert report.counts["charges"] == 4
+
+
+def test_tampered_late_charge_is_named(late_log: Log, signer: AuditSigner) -> None:
+    entries, _, seqs = late_log
+    target = seqs[f"late {B}"]
+
+    def understate(payload: dict[str, Any]) -> None:
+        payload["charges"][B]["epsilon_total"] *= 0.8
+
+    forged = forge(entries, signer, target, understate)
+    assert _verify(forged, signer).ok  # re-signed consistently: only the recomputation sees it
+    report = _verify(forged, signer, accountant=prv_epsilon)
+    assert not report.ok and report.first_bad_seq == target
+    assert B in (report.reason or "") and "epsilon_total" in (report.reason or "")
+
+    def more_noise(payload: dict[str, Any]) -> None:
+        payload["charges"][A]["noise_multiplier"] *= 2
+
+    report = _verify(forge(entries, signer, seqs[f"late {A}"], more_noise), signer,
+                     accountant=prv_epsilon)
+    assert not report.ok and report.first_bad_seq == seqs[f"late {A}"]

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.state import apply, head, initial_state, last_round
+from coordinator.state import apply, charge_status, head, initial_state, last_round
 
 H0, H1, H2 = "0" * 64, "1" * 64, "2" * 64
 KEY_A, KEY_B, KEY_C = "a" * 64, "b" * 64, "c" * 64
@@ -321,3 +321,90 @@ def test_budget_change_is_idempotent_by_request_id():
     for eps in (3.0, 3.0, 5.0):
         _set_budget(replica, epsilon=eps, request_id="budget-1")
     assert replica == s
+
+
+def _aborted_by_leader_change():
+    """Round 1 attempt 1 (site-a, site-d; budget of site-d 1.0) opened in term 5; its
+    leader dies and term 6 aborts it with no charges, then commits attempt 2."""
+    s = _cluster()
+    assert apply(s, {"op": "enroll", "site": "site-d", "public_key": "d" * 64,
+                     "epsilon": 1.0, "delta": 1e-5})["ok"]
+    assert _open(s, sites=("site-a", "site-d"))["ok"]
+    assert apply(s, {"op": "claim", "term": 6, "node": "n2"})["ok"]
+    assert apply(s, {"op": "round_abort", "term": 6, "round": 1, "attempt": 1,
+                     "reason": "leader_change"})["ok"]
+    assert _open(s, term=6, attempt=2, sites=("site-a", "site-b"))["ok"]
+    assert _commit(s, term=6, attempt=2)["ok"]
+    return s
+
+
+def _late(s, site="site-d", rnd=1, attempt=1, term=6, prior=0, charge=None, **extra):
+    return apply(s, {"op": "late_charge", "term": term, "round": rnd, "attempt": attempt,
+                     "site": site, "prior_charges": prior, "charge": charge or _charge(0.4, 0.4),
+                     **extra})
+
+
+def test_late_charge_recorded_on_the_aborted_attempt_and_the_ledger():
+    s = _aborted_by_leader_change()
+    assert charge_status(s, "site-d", 1, 1) == "chargeable"
+    assert charge_status(s, "site-b", 1, 1) == "uncharged"  # not sampled for 1.1
+    assert charge_status(s, "site-d", 1, 2) == "uncharged"  # committed without it
+    assert charge_status(s, "site-d", 2, 1) == "pending"
+    assert charge_status(s, "site-d", 1, 9) == "uncharged"  # round 1 committed: never will be
+    r = _late(s, request_id="late-1")
+    assert r == {"ok": True, "round": 1, "attempt": 1, "term": 6, "site": "site-d",
+                 "charge": _charge(0.4, 0.4), "overspent": False}
+    assert s["history"][1]["aborted"][0]["charges"] == {"site-d": _charge(0.4, 0.4)}
+    d = s["sites"]["site-d"]
+    assert d["spent"] == 0.4 and d["charges"] == [{"round": 1, "attempt": 1, **_charge(0.4, 0.4)}]
+    assert charge_status(s, "site-d", 1, 1) == "charged"
+    # a retry with the same request id is the same result, applied once
+    before = _domain(s)
+    assert _late(s, request_id="late-1") == {**r, "replayed": True}
+    assert _domain(s) == before
+    # a second charge for the same site and attempt is refused, whatever its id
+    assert _late(s, prior=1, charge=_charge(0.2, 0.6))["code"] == "already_charged"
+    assert _domain(s) == before
+
+
+@pytest.mark.parametrize("change, code", [
+    ({"attempt": 2}, "not_aborted"),  # committed
+    ({"rnd": 2}, "not_aborted"),  # never opened
+    ({"attempt": 7}, "not_aborted"),  # unknown attempt
+    ({"site": "site-b"}, "not_participant"),
+    ({"site": "ghost"}, "unknown_site"),
+    ({"term": 5}, "stale_term"),
+    ({"term": 7}, "unclaimed_term"),
+    ({"prior": 1}, "stale_history"),  # computed over another history than the ledger's
+    ({"charge": _charge(0.4, 0.4, delta=1e-3)}, "malformed"),
+    ({"charge": {"epsilon": 0.4}}, "malformed"),
+    ({"charge": {**_charge(0.4, 0.4), "steps": float("nan")}}, "malformed"),
+])
+def test_late_charge_rejections_change_nothing(change, code):
+    s = _aborted_by_leader_change()
+    before = _domain(s)
+    r = _late(s, **change)
+    assert r["ok"] is False and r["code"] == code, r
+    assert _domain(s) == before
+
+
+def test_late_charge_on_an_open_attempt_is_refused():
+    s = _cluster()
+    assert _open(s)["ok"]
+    assert _late(s, site="site-a", term=5)["code"] == "not_aborted"
+    assert charge_status(s, "site-a", 1, 1) == "pending"
+
+
+def test_late_charge_over_budget_is_recorded_and_flagged():
+    """The site already spent it: the ledger records the truth, and says so."""
+    s = _aborted_by_leader_change()
+    r = _late(s, charge=_charge(1.2, 1.2))
+    assert r["ok"] and r["overspent"] is True
+    assert s["sites"]["site-d"]["spent"] == 1.2
+    # a round cannot charge it any further
+    assert _open(s, term=6, rnd=2, base=H1, sites=("site-a", "site-d"))["ok"]
+    over = apply(s, {"op": "round_commit", "term": 6, "round": 2, "attempt": 1, "version": H2,
+                     "parent": H1, "size": 10, "survivors": ["site-a", "site-d"],
+                     "holders": ["n1", "n2"], "cluster_size": 3,
+                     "charges": {"site-d": _charge(0.1, 1.3)}})
+    assert over["code"] == "overspend" and s["sites"]["site-d"]["spent"] == 1.2
