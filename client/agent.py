@@ -293,6 +293,11 @@ class Agent:
             if reply.get("code") == "not_leader" and reply.get("leader"):
                 self._leader_hint = reply["leader"]
                 continue
+            if reply.get("code") == "rate_limited":  # nothing was taken: wait, send again
+                retry = reply.get("retry_after_s")
+                retry = retry if isinstance(retry, int | float) else 1.0
+                self.stopped.wait(max(0.0, min(float(retry), 5.0)))  # NaN gives 0.0
+                continue
             return reply
         return {"ok": False, "code": "no_leader", "error": "could not reach the leader"}
 

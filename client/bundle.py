@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
@@ -73,6 +74,8 @@ def parse_bundle(data: bytes) -> SiteBundle:
         raw = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"bundle is not JSON: {exc}") from None
+    except RecursionError:  # json nests by recursion: "[[[[..." is no bundle
+        raise BundleError("bundle is not JSON: nested too deeply") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise BundleError(f"not a fedraft site bundle (format must be {FORMAT!r})")
     if raw.get("version") != VERSION:
@@ -95,9 +98,15 @@ def parse_bundle(data: bytes) -> SiteBundle:
     if set(budget) != {"epsilon", "delta"} or not all(
             isinstance(v, int | float) and not isinstance(v, bool) for v in budget.values()):
         raise BundleError("bundle budget must be {epsilon, delta} numbers")
+    try:  # a 400-digit integer does not fit a float; 1e400 reads as infinity
+        eps, delta = float(budget["epsilon"]), float(budget["delta"])
+    except OverflowError:
+        raise BundleError("bundle budget numbers are out of range") from None
+    if not (0 < eps < math.inf and 0 < delta < 1):
+        raise BundleError("bundle budget needs epsilon > 0 (finite) and delta in (0, 1)")
     return SiteBundle(raw["site"], raw["public_key"], tuple(nodes), raw["ca_pem"].encode(),
                       raw["cert_pem"].encode(), raw["key_pem"].encode(),
-                      {k: float(v) for k, v in budget.items()}, raw["created"])
+                      {"epsilon": eps, "delta": delta}, raw["created"])
 
 
 def _der_sha256(cert: x509.Certificate) -> str:
@@ -114,6 +123,17 @@ def verify_bundle(bundle: SiteBundle, identity_key: Ed25519PrivateKey,
     """Refuse a bundle whose certificate does not chain to its CA, names another site or
     role, is out of date or does not match its key; or an identity key that is not the
     enrolled one. Returns the CA's sha256 fingerprint."""
+    try:
+        return _verify_bundle(bundle, identity_key, ca_sha256, now)
+    except BundleError:
+        raise
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        # cryptography parses extensions and names lazily: a damaged one fails on access
+        raise BundleError(f"bundle certificate or key is malformed: {exc}") from None
+
+
+def _verify_bundle(bundle: SiteBundle, identity_key: Ed25519PrivateKey,
+                   ca_sha256: str | None, now: dt.datetime | None) -> str:
     now = now or dt.datetime.now(dt.UTC)
     try:
         ca = x509.load_pem_x509_certificate(bundle.ca_pem)
@@ -163,7 +183,7 @@ def read_identity_key(path: Path) -> Ed25519PrivateKey:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except OSError as exc:
         raise BundleError(f"cannot read identity key {path}: {exc.strerror or exc}") from None
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         raise BundleError(f"{path} is not an unencrypted PEM private key") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise BundleError(f"{path} is not an Ed25519 private key")

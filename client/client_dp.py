@@ -47,8 +47,9 @@ from client.dp import (
     DPStateError,
     _write_atomic,
 )
+from client.sigma_cache import planned_noise_multiplier
 from client.training import EvalResult, FitResult, LocalTrainer, Parameters
-from privacy.accounting import BudgetInfeasible, DPStep, epsilon_spent, noise_multiplier_for
+from privacy.accounting import BudgetInfeasible, DPStep, epsilon_spent
 
 MECHANISM = "client-level"
 """The ``mechanism`` of the plan in the state file: never equal to DP-SGD's plan, so a
@@ -131,7 +132,7 @@ class ClientLevelDPTrainer:
             return self._sigma
         remaining = max(1, self._planned_rounds - len(self._history))
         try:
-            sigma = noise_multiplier_for(
+            sigma = planned_noise_multiplier(
                 self._budget, self._delta, 1.0, 1, remaining, self._history, self._clip
             )
         except BudgetInfeasible:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,14 +46,56 @@ _SECTIONS = {
 }
 
 
+_RANGES: dict[tuple[str, str], tuple[Callable[[float], bool], str]] = {
+    # a value outside its range is refused here, naming its key, not deep inside training
+    ("site", "poll_wait_s"): (lambda v: v >= 0, ">= 0"),
+    ("task", "seed"): (lambda v: v >= 0, ">= 0"),
+    ("task", "threads"): (lambda v: 1 <= v <= 1024, "in [1, 1024]"),
+    ("privacy", "epsilon"): (lambda v: v > 0, "> 0"),
+    ("privacy", "delta"): (lambda v: 0 < v < 1, "in (0, 1)"),
+    ("privacy", "planned_rounds"): (lambda v: v >= 1, ">= 1"),
+    ("privacy", "clip_norm"): (lambda v: v > 0, "> 0"),
+    ("privacy", "sample_rate"): (lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("privacy", "local_epochs"): (lambda v: v >= 1, ">= 1"),
+    ("data", "partition"): (lambda v: v >= 0, ">= 0"),
+    ("data", "num_partitions"): (lambda v: v >= 1, ">= 1"),
+    ("data", "alpha"): (lambda v: v > 0, "> 0"),
+    ("data", "seed"): (lambda v: v >= 0, ">= 0"),
+}
+SITE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # as the coordinator's state machine
+_ENDPOINT = re.compile(r"[A-Za-z0-9_.-]{1,253}:[0-9]{1,5}|\[[0-9A-Fa-f:.]{2,45}\]:[0-9]{1,5}")
+
+
+def _check_range(section: str, key: str, value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SiteConfigError(f"{section}.{key}: expected a finite number, got {value!r}")
+    rule = _RANGES.get((section, key))
+    if rule is not None and not rule[0](value):
+        raise SiteConfigError(f"{section}.{key}: must be {rule[1]}, got {value!r}")
+
+
+def _endpoint(value: Any) -> bool:
+    return (isinstance(value, str) and _ENDPOINT.fullmatch(value) is not None
+            and 0 < int(value.rpartition(":")[2]) < 65536)
+
+
 def load_site_config(path: Path) -> SiteConfig:
     try:
-        raw = tomllib.loads(Path(path).read_text())
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SiteConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise SiteConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise SiteConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise SiteConfigError(f"{path}: not valid TOML: {exc}") from None
     base = Path(path).resolve().parent
+    for section, table in raw.items():
+        if section not in _SECTIONS:
+            raise SiteConfigError(f"{section}: unknown section")
+        if not isinstance(table, dict):
+            raise SiteConfigError(f"{section}: expected a table ([{section}])")
     values: dict[str, dict[str, Any]] = {}
     for section, keys in _SECTIONS.items():
         got = dict(raw.get(section, {}))
@@ -71,10 +116,8 @@ def load_site_config(path: Path) -> SiteConfig:
                     got[key] = float(got[key])
                 if not isinstance(got[key], kind) or isinstance(got[key], bool):
                     raise SiteConfigError(f"{section}.{key}: expected {kind.__name__}")
+                _check_range(section, key, got[key])
         values[section] = got
-    for section in raw:
-        if section not in _SECTIONS:
-            raise SiteConfigError(f"{section}: unknown section")
 
     def need(section: str, key: str) -> Any:
         if key not in values[section]:
@@ -86,8 +129,14 @@ def load_site_config(path: Path) -> SiteConfig:
         return p if p.is_absolute() else base / p
 
     nodes = need("site", "nodes")
-    if not nodes or not all(isinstance(n, str) and ":" in n for n in nodes):
+    if not nodes or not all(_endpoint(n) for n in nodes):
         raise SiteConfigError("site.nodes: expected a list of host:port fleet endpoints")
+    if not SITE_ID.fullmatch(need("site", "id")):
+        raise SiteConfigError("site.id: 1-64 letters, digits, '_', '.' or '-', not starting "
+                              "with a punctuation mark")
+    data = values["data"]
+    if data.get("partition", 0) >= data.get("num_partitions", 1):
+        raise SiteConfigError("data.partition: must be below data.num_partitions")
     task = values["task"].get("name")
     flower_app = values["task"].get("flower_app")
     if (task is None) == (flower_app is None):

@@ -45,6 +45,7 @@ from opacus.validators.errors import UnsupportedModuleError
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.sigma_cache import planned_noise_multiplier
 from client.tasks import TorchTaskTrainer, get_parameters, set_parameters
 from client.training import EvalResult, FitResult, Parameters
 from privacy.accounting import (
@@ -52,7 +53,6 @@ from privacy.accounting import (
     DPStep,
     accountant_history,
     epsilon_spent,
-    noise_multiplier_for,
 )
 
 STATE_FORMAT = "fedraft-dp-ledger/1"
@@ -269,7 +269,7 @@ class DPTorchTrainer:
             return stored["noise_multiplier"]
         remaining = max(1, self._planned_rounds - len(self._history))
         try:
-            sigma = noise_multiplier_for(
+            sigma = planned_noise_multiplier(
                 self._budget,
                 self._delta,
                 self._q,

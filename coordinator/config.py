@@ -6,11 +6,15 @@ e.g. FEDRAFT_RAFT_PASSWORD keeps the Raft secret out of the file.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from coordinator.ratelimit import DEFAULT_ADMIN, DEFAULT_FLEET, Limit
 
 
 class ConfigError(ValueError):
@@ -42,6 +46,8 @@ class NodeConfig:
     metrics_bind: str = ""  # host:port serving Prometheus /metrics; "" is off
     log_json: bool = False
     join: bool = False  # joining a running cluster: start no election until a leader calls
+    fleet_limit: Limit = DEFAULT_FLEET  # per site certificate, on each node
+    admin_limit: Limit = DEFAULT_ADMIN  # per operator, auditor or node certificate
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -76,11 +82,24 @@ class _Reader:
             value = float(value)
         if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
             raise ConfigError(f"{section}.{key}: expected {kind.__name__}, got {value!r}")
+        if kind is float and not math.isfinite(value):
+            raise ConfigError(f"{section}.{key}: expected a finite number, got {value!r}")
+        return value
+
+    def number(self, section: str, key: str, kind: type, default: Any, least: float) -> Any:
+        """A number of `kind` that is at least `least`."""
+        value = self.get(section, key, kind, default)
+        if value < least:
+            raise ConfigError(f"{section}.{key}: must be >= {least:g}, got {value!r}")
         return value
 
     def path(self, section: str, key: str) -> Path:
         p = Path(self.get(section, key, str)).expanduser()
         return p if p.is_absolute() else (self.base / p)
+
+
+_HOST = re.compile(r"[A-Za-z0-9_.:\[\]-]{1,253}")
+"""Host names, IPv4 and bracketed IPv6: what the state machine accepts in membership records."""
 
 
 def host_port(value: Any, where: str) -> str:
@@ -90,7 +109,8 @@ def host_port(value: Any, where: str) -> str:
     if not isinstance(value, str) or value.count(":") < 1:
         raise ConfigError(f"{where}: expected host:port, got {value!r}")
     host, _, port = value.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if (not _HOST.fullmatch(host) or not port.isascii() or not port.isdigit()
+            or not 0 < int(port) < 65536):
         raise ConfigError(f"{where}: expected host:port, got {value!r}")
     return value
 
@@ -116,19 +136,52 @@ def _address(raw: Any, where: str) -> NodeAddress:
 
 def read_toml(path: Path) -> dict[str, Any]:
     try:
-        return tomllib.loads(Path(path).read_text())
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
+SECTIONS: dict[str, frozenset[str]] = {
+    "node": frozenset({"id", "raft", "fleet", "admin", "data_dir", "join"}),
+    "tls": frozenset({"ca", "cert", "key"}),
+    "raft": frozenset({"password", "election_min_s", "election_max_s"}),
+    "audit": frozenset({"key", "db"}),
+    "metrics": frozenset({"bind"}),
+    "log": frozenset({"json"}),
+    "limits": frozenset({"fleet_rps", "fleet_burst", "admin_rps", "admin_burst", "fleet_workers"}),
+}
+"""The tables of node.toml and their keys (plus the [[peers]] array): a misspelt key is an
+error, not a silently ignored default."""
+
+
+def _check_sections(data: dict[str, Any]) -> None:
+    for section, table in data.items():
+        if section == "peers":
+            continue
+        if section not in SECTIONS:
+            raise ConfigError(f"{section}: unknown section")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{section}: expected a table ([{section}])")
+        unknown = sorted(set(table) - SECTIONS[section])
+        if unknown:
+            raise ConfigError(f"{section}.{unknown[0]}: unknown key")
+
+
+def _limit(r: _Reader, service: str, default: Limit) -> Limit:
+    rate = r.number("limits", f"{service}_rps", float, default.rate, 0.0)
+    burst = r.number("limits", f"{service}_burst", float, default.burst, 1.0)
+    return Limit(rate, burst)
+
+
 def load_node_config(path: Path) -> NodeConfig:
     data = read_toml(path)
-    known = {"node", "tls", "raft", "peers", "audit", "metrics", "log"}
-    for section in data:
-        if section not in known:
-            raise ConfigError(f"{section}: unknown section")
+    _check_sections(data)
     r = _Reader(data, Path(path).resolve().parent)
     node = dict(data.get("node", {}))
     for key in ("id", "raft", "fleet", "admin"):
@@ -173,6 +226,9 @@ def load_node_config(path: Path) -> NodeConfig:
         join=r.get("node", "join", bool, False),
         metrics_bind=metrics_bind,
         log_json=r.get("log", "json", bool, False),
+        fleet_limit=_limit(r, "fleet", DEFAULT_FLEET),
+        admin_limit=_limit(r, "admin", DEFAULT_ADMIN),
+        fleet_workers=r.number("limits", "fleet_workers", int, 64, 1),
     )
 
 

@@ -99,11 +99,12 @@ def run_demo(rounds: int = 10, sites: int = 5, workdir: Path = Path("demo-run"),
         names = [f"site-{i + 1}" for i in range(sites)]
         for name in names:
             cluster.add_site(name, budget=(DP_BUDGET["epsilon"], DP_BUDGET["delta"]))
-        genesis = cluster.init_model(TASK)
-        say(f"enrolled {sites} sites; genesis model {genesis[:12]}")
+        # sites start (imports, DP planning) while the genesis model is built
         for i, name in enumerate(names):
             cluster.start_site(name, cluster.write_site_config(name, TASK, i, sites, "dirichlet",
                                                                0.5, seed=0, privacy=DP_BUDGET))
+        genesis = cluster.init_model(TASK)
+        say(f"enrolled and started {sites} sites; genesis model {genesis[:12]}")
         cluster.admin.call("Train", {"rounds": rounds, "config": ROUND_CONFIG})
         say(f"training {rounds} rounds of {TASK}, non-IID (Dirichlet 0.5)")
         failover = None

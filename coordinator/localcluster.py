@@ -96,6 +96,8 @@ class LocalCluster:
         self.password = secrets.token_hex(24)
         self.env = {**os.environ, "FEDRAFT_RAFT_PASSWORD": self.password,
                     "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+        # the cluster's sites share one noise-multiplier cache, kept with the cluster
+        self.env.setdefault("FEDRAFT_CACHE_DIR", str(self.root / "cache"))
         if not (self.ca_dir / "ca.pem").exists():
             pki.init_ca(self.ca_dir)
         self.operator = pki.issue(self.ca_dir, self.root / "operator", "operator", "operator")
@@ -312,6 +314,17 @@ seed = {seed}
         return self.root / node_id / "data" / "blobs"
 
     def stop(self) -> None:
-        for p in list(self.site_procs.values()) + list(self.node_procs.values()):
-            p.stop()
+        """SIGTERM every process at once, then reap them (SIGKILL after 5 s): the slowest
+        one sets the time, not the sum."""
+        procs = [p for p in list(self.site_procs.values()) + list(self.node_procs.values())
+                 if p.alive]
+        for p in procs:
+            p.signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5.0
+        for p in procs:
+            try:
+                p.popen.wait(max(0.0, deadline - time.monotonic()))  # type: ignore[union-attr]
+            except subprocess.TimeoutExpired:
+                p.signal(signal.SIGKILL)
+                p.popen.wait(5)  # type: ignore[union-attr]
         self.admin.close()

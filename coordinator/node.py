@@ -18,13 +18,14 @@ from typing import Any
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from coordinator import metrics, pki, rpc, wire
+from coordinator import limits, metrics, pki, rpc, wire
 from coordinator import state as sm
 from coordinator.audit_writer import AuditWriter, load_signer
 from coordinator.blobs import BlobError, BlobStore
 from coordinator.config import NodeAddress, NodeConfig
 from coordinator.driver import RoundDriver
 from coordinator.membership import Membership
+from coordinator.ratelimit import RateLimiter
 from coordinator.replica import CommandFailed, Replica
 
 log = logging.getLogger(__name__)
@@ -81,13 +82,14 @@ class Node:
         self.membership = Membership(self)  # live members and endpoints, not the static config
         self.metrics.watch(metrics.node_view(self))
         self.driver = RoundDriver(self)
+        self.limiter = RateLimiter(limits.service_limits(config.fleet_limit, config.admin_limit))
         self.fleet_server = rpc.make_server(self.identity, config.self_addr.fleet, {
             wire.FLEET_SERVICE: {
                 "Poll": (self.fleet_poll, FLEET_CALLERS),
                 "GetBlob": (self.fleet_get_blob, FLEET_CALLERS),
                 "Submit": (self.fleet_submit, FLEET_CALLERS),
             }
-        }, workers=config.fleet_workers, observe=self.metrics.observe_rpc)
+        }, workers=config.fleet_workers, observe=self.metrics.observe_rpc, limiter=self.limiter)
         self.admin_server = rpc.make_server(self.identity, config.self_addr.admin, {
             wire.ADMIN_SERVICE: {
                 "Status": (self.admin_status, ADMIN_READERS),
@@ -105,7 +107,7 @@ class Node:
                 "RemoveNode": (self.membership.admin_remove_node, OPERATOR_ONLY),
                 "TransferLeader": (self.membership.admin_transfer_leader, OPERATOR_ONLY),
             }
-        }, observe=self.metrics.observe_rpc)
+        }, observe=self.metrics.observe_rpc, limiter=self.limiter)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -366,6 +368,9 @@ class Node:
         if not params:
             return wire.error("malformed", "the model has no tensors")
         digest = wire.sha256_hex(data)
+        genesis = self.replica.state.read(lambda s: s["versions"][0]["hash"] if s["versions"] else None)
+        if genesis not in (None, digest):  # refused before any blob is written or pushed
+            return wire.error("exists", "the cluster already has a genesis model")
         holders = self.replicate_blob(data, digest, timeout=15.0)
         return self._submit({"op": "genesis", "version": digest, "size": len(data),
                              "holders": holders, "cluster_size": self.membership.cluster_size(),

@@ -16,7 +16,8 @@ from typing import Any
 
 import grpc
 
-from coordinator import pki, wire
+from coordinator import limits, pki, wire
+from coordinator.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,15 @@ def _caller(context: grpc.ServicerContext) -> Caller:
 
 
 def _wrap(handler: Handler, roles: frozenset[str], service: str = "", method: str = "",
-          observe: RpcObserver | None = None) -> Callable[[bytes, Any], bytes]:
+          observe: RpcObserver | None = None,
+          limiter: RateLimiter | None = None) -> Callable[[bytes, Any], bytes]:
     def reply_to(request: bytes, context: grpc.ServicerContext) -> dict[str, Any]:
         caller = _caller(context)
         if caller.role not in roles:
             return wire.error("forbidden", f"role {caller.role or 'none'!r} may not call this method")
+        refused = limits.admit(limiter, caller.name, service, method, len(request))
+        if refused is not None:  # before unpacking: a refused call costs nothing, changes nothing
+            return refused
         try:
             return handler(wire.unpack(request), caller)
         except wire.WireError as exc:
@@ -85,14 +90,16 @@ def make_server(
     services: dict[str, dict[str, tuple[Handler, frozenset[str]]]],
     workers: int = 64,
     observe: RpcObserver | None = None,
+    limiter: RateLimiter | None = None,
 ) -> grpc.Server:
     """A started-ready (not yet started) mTLS gRPC server hosting `services`; `observe`
-    (metrics) hears of every call."""
+    (metrics) hears of every call, `limiter` throttles each caller (see coordinator.limits)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
-                         options=wire.GRPC_OPTIONS)
+                         options=limits.SERVER_OPTIONS)
     for service, methods in services.items():
         handlers = {
-            name: grpc.unary_unary_rpc_method_handler(_wrap(fn, roles, service, name, observe))
+            name: grpc.unary_unary_rpc_method_handler(
+                _wrap(fn, roles, service, name, observe, limiter))
             for name, (fn, roles) in methods.items()
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))

@@ -178,6 +178,8 @@ def _fenced(state: State, cmd: Command) -> int:
 
 def _holders_quorum(cmd: Command) -> list[str]:
     holders = _need(cmd, "holders", list)
+    if not all(isinstance(h, str) for h in holders):  # node ids; sorted and hashed below
+        raise Rejected("malformed", "holders must be node ids")
     size = _need(cmd, "cluster_size", int)
     if size < 1 or len(set(holders)) < quorum(size):
         raise Rejected("no_quorum", f"blob held by {len(set(holders))} of {size} nodes")
@@ -649,7 +651,8 @@ def apply(state: State, command: Command) -> Result:
             return {"ok": False, "code": "malformed", "error": "bad request_id"}
         if request_id in state["requests"]:
             return {**copy.deepcopy(state["requests"][request_id]), "replayed": True}
-    op = OPS.get(command.get("op"))  # type: ignore[arg-type]
+    name = command.get("op")
+    op = OPS.get(name) if isinstance(name, str) else None  # a list is no key (TypeError)
     if op is None:
         result: Result = {"ok": False, "code": "unknown_op", "error": f"unknown op {command.get('op')!r}"}
     else:

@@ -66,7 +66,34 @@ def unpack(data: bytes) -> dict[str, Any]:
         raise WireError("malformed", f"not a msgpack message: {exc.__class__.__name__}") from None
     if not isinstance(obj, dict):
         raise WireError("malformed", "message must be a map")
+    _check_plain(obj)
     return obj
+
+
+MAX_NESTING = 32
+"""Deepest nesting of maps and lists a message may have (ours go about 6 deep)."""
+_PLAIN = (str, bytes, int, float, bool, type(None))
+
+
+def _check_plain(obj: Any) -> None:
+    """Only plain values, maps with string keys, and bounded nesting: msgpack would also
+    hand over extension types, timestamps, byte keys and 1000-deep structures, which
+    handlers (and the recursive signature encoding) must never meet."""
+    stack: list[tuple[Any, int]] = [(obj, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, _PLAIN):
+            continue
+        if depth >= MAX_NESTING:
+            raise WireError("malformed", f"message nests deeper than {MAX_NESTING} levels")
+        if isinstance(value, dict):
+            if not all(isinstance(k, str) for k in value):
+                raise WireError("malformed", "map keys must be strings")
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+        else:
+            raise WireError("malformed", f"{type(value).__name__} is not part of the schema")
 
 
 def error(code: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -104,7 +131,7 @@ def verify_signature(message: Mapping[str, Any], public_key_hex: str, now: float
         raise WireError("unsigned", "request carries no Ed25519 signature")
     if isinstance(ts, bool) or not isinstance(ts, int | float):
         raise WireError("unsigned", "request carries no timestamp")
-    if abs(now - ts) > SIGNATURE_WINDOW_S:
+    if not abs(now - ts) <= SIGNATURE_WINDOW_S:  # NaN too: it would never go stale
         raise WireError("stale", "request timestamp is outside the accepted window")
     try:
         Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_key_hex)).verify(
@@ -142,6 +169,8 @@ def decode_model(data: bytes) -> dict[str, np.ndarray]:
         arr = arrays[name]
         if arr.dtype != np.float32:
             raise WireError("malformed", f"tensor {name!r} is {arr.dtype}, expected float32")
+        if not np.isfinite(arr).all():
+            raise WireError("not_finite", f"tensor {name!r} holds NaN or infinite values")
         out[name] = arr
     return out
 

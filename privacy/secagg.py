@@ -342,29 +342,36 @@ def _normalise_identities(
 # --------------------------------------------------------------------------- messages
 
 
+def _w_get(d: Mapping[str, Any], key: str) -> Any:
+    """A message's field; a message that is not a map is refused like any bad field."""
+    if not isinstance(d, Mapping):
+        raise InvalidMessage(f"message must be a map, not {type(d).__name__}")
+    return d.get(key)
+
+
 def _w_bytes(d: Mapping[str, Any], key: str) -> bytes:
-    v = d.get(key)
+    v = _w_get(d, key)
     if not isinstance(v, bytes | bytearray):
         raise InvalidMessage(f"field {key!r} must be bytes")
     return bytes(v)
 
 
 def _w_str(d: Mapping[str, Any], key: str) -> str:
-    v = d.get(key)
+    v = _w_get(d, key)
     if not isinstance(v, str):
         raise InvalidMessage(f"field {key!r} must be a string")
     return v
 
 
 def _w_ids(d: Mapping[str, Any], key: str) -> tuple[str, ...]:
-    v = d.get(key)
+    v = _w_get(d, key)
     if not isinstance(v, list | tuple) or any(not isinstance(x, str) for x in v):
         raise InvalidMessage(f"field {key!r} must be a list of strings")
     return tuple(v)
 
 
 def _w_bytes_map(d: Mapping[str, Any], key: str) -> Mapping[str, bytes]:
-    v = d.get(key)
+    v = _w_get(d, key)
     if not isinstance(v, Mapping) or any(
         not isinstance(k, str) or not isinstance(x, bytes | bytearray) for k, x in v.items()
     ):
@@ -428,7 +435,7 @@ class KeyDirectory:
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> KeyDirectory:
         """Parse and type-check `to_wire` output."""
-        adverts = d.get("adverts")
+        adverts = _w_get(d, "adverts")
         if not isinstance(adverts, list | tuple) or any(
             not isinstance(a, Mapping) for a in adverts
         ):

@@ -143,13 +143,24 @@ class Bundle:
         if not manifest_path.is_file():
             raise BundleError(f"{self.directory} is not an audit bundle (no {MANIFEST_FILE})")
         try:
-            self.manifest: dict[str, Any] = json.loads(manifest_path.read_text("utf-8"))
-        except ValueError as exc:
+            manifest = json.loads(manifest_path.read_text("utf-8"))
+        except (ValueError, RecursionError) as exc:  # deep nesting is a RecursionError
             raise BundleError(f"unreadable {MANIFEST_FILE}: {exc}") from exc
+        if not isinstance(manifest, dict):
+            raise BundleError(f"{manifest_path} is not a {BUNDLE_FORMAT} manifest")
+        self.manifest: dict[str, Any] = manifest
         if self.manifest.get("format") != BUNDLE_FORMAT:
             raise BundleError(f"{manifest_path} is not a {BUNDLE_FORMAT} manifest")
         if self.manifest.get("format_version") != BUNDLE_VERSION:
             raise BundleError(f"unsupported bundle version {self.manifest.get('format_version')}")
+        size = self.manifest.get("entries")
+        if size is not None and (type(size) is not int or size < 0):
+            raise BundleError(f"{MANIFEST_FILE}: 'entries' must be a count, not {size!r}")
+        files = self.manifest.get("files") or {}
+        known = (ENTRIES_FILE, CHECKPOINTS_FILE, KEYS_FILE)  # never a path out of the bundle
+        if not isinstance(files, dict) or not all(
+                name in known and isinstance(digest, str) for name, digest in files.items()):
+            raise BundleError(f"{MANIFEST_FILE}: 'files' must map {', '.join(known)} to hashes")
         self._entries: list[Entry] | None = None
         self._line_issues: list[Issue] = []
 
@@ -164,13 +175,13 @@ class Bundle:
             path = self.directory / ENTRIES_FILE
             if not path.is_file():
                 raise BundleError(f"bundle lacks {ENTRIES_FILE}")
-            with path.open("r", encoding="utf-8") as fh:
+            with path.open("rb") as fh:  # decoded per line: one bad byte spoils one entry
                 for lineno, line in enumerate(fh):
                     if not line.strip():
                         continue
                     try:
-                        out.append(Entry.from_dict(json.loads(line)))
-                    except (ValueError, PayloadError, TypeError) as exc:
+                        out.append(Entry.from_dict(json.loads(line.decode("utf-8"))))
+                    except (ValueError, PayloadError, TypeError, RecursionError) as exc:
                         # Line n normally holds seq n; name that position as the bad entry.
                         self._line_issues.append(
                             Issue("bundle", f"{ENTRIES_FILE} line {lineno + 1} unreadable:"
@@ -185,12 +196,12 @@ class Bundle:
         if not path.is_file():
             return []
         out = []
-        with path.open("r", encoding="utf-8") as fh:
+        with path.open("rb") as fh:
             for lineno, line in enumerate(fh, start=1):
                 if line.strip():
                     try:
-                        out.append(Checkpoint.from_dict(json.loads(line)))
-                    except (ValueError, PayloadError, TypeError) as exc:
+                        out.append(Checkpoint.from_dict(json.loads(line.decode("utf-8"))))
+                    except (ValueError, PayloadError, TypeError, RecursionError) as exc:
                         raise BundleError(f"{CHECKPOINTS_FILE} line {lineno}: {exc}") from exc
         return out
 

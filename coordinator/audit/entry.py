@@ -92,6 +92,8 @@ class Entry:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Entry:
         """Inverse of ``to_dict``; checks field types, not hashes (that is ``verify``'s job)."""
+        if not isinstance(data, Mapping):
+            raise PayloadError(f"an entry is a JSON object, not {type(data).__name__}")
         try:
             entry = cls(
                 seq=data["seq"],
@@ -141,6 +143,8 @@ class Checkpoint:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Checkpoint:
         """Inverse of ``to_dict``."""
+        if not isinstance(data, Mapping):
+            raise PayloadError(f"a checkpoint is a JSON object, not {type(data).__name__}")
         try:
             cp = cls(data["tree_size"], data["root_hash"], data["key_id"], data["signature"])
         except KeyError as exc:
