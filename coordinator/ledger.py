@@ -9,10 +9,12 @@ are computed in a worker process, started as soon as a site's DP parameters arri
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections.abc import Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
+from coordinator import lifeline
 from privacy.accounting import DPStep
 
 CHARGE_FIELDS = ("noise_multiplier", "sample_rate", "steps", "clip_norm")
@@ -59,7 +61,9 @@ def can_afford_another(history: list[dict[str, float]], delta: float, budget: fl
 class ChargeCalculator:
     def __init__(self, workers: int = 1) -> None:
         self._pool = ProcessPoolExecutor(max_workers=workers,
-                                         mp_context=multiprocessing.get_context("spawn"))
+                                         mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=lifeline.die_with_parent,
+                                         initargs=(os.getpid(),))
         self._afford: dict[tuple[str, int, float, float], bool] = {}
 
     def submit(self, site_record: dict[str, Any], reported: dict[str, float]) -> Future | None:

@@ -25,11 +25,17 @@ def bind_to_parent() -> None:
     wanted = os.environ.pop(PARENT_ENV, None)
     if not wanted or not wanted.isdigit():
         return
+    die_with_parent(int(wanted))
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """SIGTERM this process when `parent_pid` (its parent) dies; a node's worker pools use
+    it so a SIGKILLed node leaves no orphans."""
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         return
-    if os.getppid() != int(wanted):  # the launcher died before the prctl took hold
+    if os.getppid() != parent_pid:  # the parent died before the prctl took hold
         os._exit(1)
