@@ -127,9 +127,10 @@ def verify_bundle(bundle: SiteBundle, identity_key: Ed25519PrivateKey,
         return _verify_bundle(bundle, identity_key, ca_sha256, now)
     except BundleError:
         raise
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion,
+            x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
         # cryptography parses extensions and names lazily: a damaged one fails on access
-        raise BundleError(f"bundle certificate or key is malformed: {exc}") from None
+        raise BundleError(f"bundle certificate or key is malformed: {exc!r}") from None
 
 
 def _verify_bundle(bundle: SiteBundle, identity_key: Ed25519PrivateKey,

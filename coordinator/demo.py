@@ -2,7 +2,7 @@
 
 3 node processes and 5 site agents (separate processes, mutual TLS with a throwaway
 CA) train breast cancer split non-IID (Dirichlet 0.5) across the sites, with SecAgg+
-secure aggregation, public-index top-K sparsification (4x) and record-level DP-SGD
+secure aggregation, public-index top-K sparsification (2x) and record-level DP-SGD
 (epsilon 8 per site) on. Halfway
 through, the leader is killed with SIGKILL while a round is open; the survivors elect
 a new leader, which aborts and retries that round; the dead node is restarted and
@@ -30,8 +30,10 @@ from coordinator.localcluster import LocalCluster
 TASK = "breast_cancer"
 ROUND_CONFIG = {"fraction": 1.0, "min_clients": 3, "lr": 0.1, "local_epochs": 2,
                 "batch_size": 16, "collect_timeout_s": 20.0, "online_wait_s": 10.0,
-                "secure_aggregation": True, "compression": 4.0, "error_feedback": True,
+                "secure_aggregation": True, "compression": 2.0, "error_feedback": True,
                 "clip": 0.5}
+# 2x compression: at 4x this DP model loses about 1.3 points (bench_privacy, data_seed 0,
+# 8 noise draws: 0.945 +- 0.013 at 4x, 0.957 +- 0.007 at 2x, 0.958 dense).
 # Record-level DP-SGD at every site: budget epsilon 8 (delta 1e-5) planned over 12
 # rounds of 2 local epochs at Poisson sample rate 1/4, so the demo's 10 rounds plus the
 # attempt the leader's death aborts fit (tuned with simulations/bench_privacy.py).

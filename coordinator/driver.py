@@ -28,6 +28,7 @@ from coordinator.aggregation import AggregationAbort, PlainAggregation, SecureAg
 from coordinator.ledger import CHARGE_FIELDS, ChargeCalculator
 from coordinator.metrics import StageClock
 from coordinator.replica import CommandFailed
+from coordinator.schedule import scheduled_lr
 from privacy.plan import RoundPlan, make_round_plan
 
 if TYPE_CHECKING:
@@ -238,6 +239,7 @@ class RoundDriver:
         st = replica.state.read(lambda s: {
             "round": s["round"], "pending": sm.training_pending(s), "last": sm.last_round(s),
             "attempts": dict(s["attempts"]), "config": s["training"]["config"],
+            "run": (s["training"].get("first_round", 1), s["training"]["target_round"]),
             "sites": sm.eligible_sites(s), "head": sm.head(s),
             "parent": s["versions"][-1]["parent"] if s["versions"] else None,
             "genesis": s["versions"][0]["hash"] if s["versions"] else None,
@@ -380,7 +382,8 @@ class RoundDriver:
 
     def _run_attempt(self, term: int, st: dict[str, Any], rnd: int, attempt: int,
                      clock: StageClock) -> None:
-        config = st["config"]
+        config = dict(st["config"])
+        config["lr"] = scheduled_lr(config["lr"], config["lr_final"], rnd, *st["run"])
         participants = self._sample(term, st)
         if participants is None:
             time.sleep(0.1)

@@ -47,6 +47,7 @@ DEFAULT_ROUND_CONFIG: dict[str, Any] = {
     "clip": 0.5,  # per-coordinate clip of the sent update
     "residual_decay": 1.0,  # error feedback keeps this share of what was not sent (<= 1)
     "server_lr": 1.0,  # new global = base + server_lr * weighted mean update (1: FedAvg)
+    "lr_final": 1.0,  # local lr decays linearly to lr * lr_final over the run (1: constant)
     "max_examples": 10000.0,  # example weight cap (weights are encoded in (0, 1])
     "threshold": 0,  # SecAgg+ threshold; 0 picks degree // 2 + 1
 }
@@ -266,6 +267,8 @@ def validate_round_config(value: Any, base: dict[str, Any]) -> dict[str, Any]:
         raise Rejected("bad_config", "round config 'compression' must be >= 1")
     if out["residual_decay"] > 1.0:
         raise Rejected("bad_config", "round config 'residual_decay' must be in (0, 1]")
+    if out["lr_final"] > 1.0:
+        raise Rejected("bad_config", "round config 'lr_final' must be in (0, 1]")
     if out["secure_aggregation"] and out["min_clients"] < 2:
         raise Rejected("bad_config", "secure aggregation needs min_clients >= 2")
     if out["clients"] and out["clients"] < out["min_clients"]:
@@ -393,7 +396,8 @@ def _op_train(state: State, cmd: Command) -> Result:
     base = max(state["training"]["target_round"], last_round(state))
     if state["round"] is not None:
         base = max(base, state["round"]["round"])
-    state["training"] = {"target_round": base + rounds, "config": config}
+    state["training"] = {"target_round": base + rounds, "config": config,
+                         "first_round": base + 1}
     return {"target_round": base + rounds}
 
 

@@ -331,10 +331,12 @@ def test_round_start_cli_sets_any_round_key(cluster):
     assert cluster.admin.call("RoundStatus")["target_round"] == before["target_round"]
 
     ok = _fedraft(cluster, "round", "start", "--rounds", "1", "--set", "residual_decay=0.9",
-                  "--set", "server_lr=1.5", "--set", "compression=4.0", "--json")
+                  "--set", "server_lr=1.5", "--set", "compression=4.0", "--set", "lr_final=0.5",
+                  "--json")
     assert ok.returncode == 0, ok.stderr[-2000:]
     summary = json.loads(ok.stdout.strip().splitlines()[-1])
     assert summary["last_round"] == summary["target_round"] == before["last_round"] + 1
     st = cluster.admin.call("RoundStatus")
     assert st["config"]["residual_decay"] == 0.9 and st["config"]["server_lr"] == 1.5
+    assert st["config"]["lr_final"] == 0.5
     assert_one_chain(st["versions"])
