@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import random
 import threading
 import time
 import uuid
@@ -122,6 +123,7 @@ class Replica:
         self.sync = SyncObj(self_addr, peers, conf, consumers=[self.state])
         make_journal_durable(self.sync)
         keep_links_alive(self.sync, interval=election[1] / 4)
+        elect_soon_when_leader_hangs_up(self.sync, spread=min(0.3, election[0] / 3))
         if join and self._raw_status()["log_len"] <= 1:
             hold_elections_until_led(self.sync)
             log.info("joining a running cluster: no election until a leader calls")
@@ -343,6 +345,36 @@ def keep_links_alive(sync: SyncObj, interval: float) -> None:
             transport.send(node, KEEPALIVE)
 
     sync.addOnTickCallback(beat)
+
+
+def elect_soon_when_leader_hangs_up(sync: SyncObj, spread: float) -> None:
+    """Stand for election within `spread` seconds (uniform) of the leader's link closing.
+
+    A crashed leader process (SIGKILL, OOM, a panic) has its sockets closed by its kernel,
+    so the followers learn of the death at once; waiting out the full 1-2 s election
+    timeout then only adds latency. Raft's safety never depends on timing, so an early
+    election is safe; the random spread keeps the two survivors of three from splitting
+    the vote. A leader that is merely cut off (partition, SIGSTOP, a dead machine)
+    closes nothing and is still detected by the timeout; a live leader whose link
+    dropped redials and its next heartbeat pushes the deadline back, as usual.
+    Reaches into pysyncobj 0.3.17's transport callback and election deadline; raises if
+    they moved."""
+    attr = "_SyncObj__raftElectionDeadline"
+    getattr(sync, attr)
+    transport = sync._SyncObj__transport  # type: ignore[attr-defined]
+    original = transport._onNodeDisconnectedCallback
+    if original is None:
+        raise RuntimeError("pysyncobj internals moved: no node-disconnected callback")
+
+    def on_disconnected(node: Any) -> None:  # tick thread
+        original(node)
+        if sync._getLeader() == node and not sync._isLeader():
+            soon = time.monotonic() + spread * random.random()
+            setattr(sync, attr, min(getattr(sync, attr), soon))
+            log.info("leader %s hung up: election within %.2f s", node, spread,
+                     extra={"event": "leader_hung_up"})
+
+    transport.setOnNodeDisconnectedCallback(on_disconnected)
 
 
 def hold_elections_until_led(sync: SyncObj) -> None:
