@@ -300,7 +300,7 @@ class Node:
 
     def _submit(self, command: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
         try:
-            return self.replica.submit(command, timeout=timeout)
+            return self.replica.submit(command, timeout=rpc.time_left(timeout))
         except CommandFailed as exc:
             return wire.error("unavailable", str(exc))
 

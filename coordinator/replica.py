@@ -302,6 +302,9 @@ class Replica:
         """
         command = dict(command)
         command.setdefault("request_id", uuid.uuid4().hex)
+        # The term this node knows, kept across timeouts: a copy that sits queued on a
+        # cut-off leader keeps the old term and is refused once a newer leader claimed.
+        command["submitted_term"] = self.term()
         deadline = time.monotonic() + timeout
         last_error = "no attempt"
         while True:
@@ -309,10 +312,19 @@ class Replica:
             if left <= 0:
                 raise CommandFailed(f"command {command['op']} not applied: {last_error}")
             try:
-                return self.state.apply_command(command, sync=True, timeout=min(left, 3.0))
+                # a copy per attempt: pysyncobj may hold a timed-out attempt's object in
+                # its queue, and it must keep the term it was sent with
+                result = self.state.apply_command(dict(command), sync=True,
+                                                  timeout=min(left, 3.0))
             except SyncObjException as exc:
                 last_error = str(exc.errorCode)
                 time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+                continue
+            if result.get("code") != "stale_submission":
+                return result
+            # refused unapplied: this node has applied the newer claim by now
+            last_error = "stale_submission"
+            command["submitted_term"] = max(self.term(), command["submitted_term"] + 1)
 
     def destroy(self) -> None:
         self.sync.destroy()

@@ -9,8 +9,10 @@ agent can import without generated code.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from concurrent import futures
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +41,20 @@ RpcObserver = Callable[[str, str, str, int, int], None]
 """Told of every handled call: (service, method, result code, request bytes, reply bytes)."""
 
 
+_call_deadline: ContextVar[float | None] = ContextVar("fedraft_call_deadline", default=None)
+
+
+def time_left(default: float) -> float:
+    """Seconds a handler may still spend: `default`, cut to what its caller waits for.
+
+    Work past the caller's deadline has no one to answer to, and a write retried after
+    it could land long after the caller gave up (see `Replica.submit`)."""
+    deadline = _call_deadline.get()
+    if deadline is None:
+        return default
+    return max(0.0, min(default, deadline - time.monotonic()))
+
+
 def _caller(context: grpc.ServicerContext) -> Caller:
     pems = context.auth_context().get("x509_pem_cert") or []
     if not pems:
@@ -57,6 +73,8 @@ def _wrap(handler: Handler, roles: frozenset[str], service: str = "", method: st
         refused = limits.admit(limiter, caller.name, service, method, len(request))
         if refused is not None:  # before unpacking: a refused call costs nothing, changes nothing
             return refused
+        remaining = context.time_remaining()
+        token = _call_deadline.set(None if remaining is None else time.monotonic() + remaining)
         try:
             return handler(wire.unpack(request), caller)
         except wire.WireError as exc:
@@ -64,6 +82,8 @@ def _wrap(handler: Handler, roles: frozenset[str], service: str = "", method: st
         except Exception:
             log.exception("handler failed")
             return wire.error("internal", "internal error; see the node's log")
+        finally:
+            _call_deadline.reset(token)
 
     def call(request: bytes, context: grpc.ServicerContext) -> bytes:
         reply = reply_to(request, context)

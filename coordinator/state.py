@@ -645,6 +645,9 @@ def apply(state: State, command: Command) -> Result:
     A command with a `request_id` seen before returns the first result again, marked
     `"replayed": True`, and changes nothing, so callers may retry after a timeout or a
     leader change; the mark keeps hooks (the audit log) from recording the command twice.
+    A command carrying `submitted_term` older than the fence is refused unapplied: a write
+    that sat queued on a cut-off leader must not land after healing, over writes the
+    majority acknowledged since (its submitter timed out, so it was never acknowledged).
     """
     state["seq"] += 1
     if not isinstance(command, dict):
@@ -655,6 +658,15 @@ def apply(state: State, command: Command) -> Result:
             return {"ok": False, "code": "malformed", "error": "bad request_id"}
         if request_id in state["requests"]:
             return {**copy.deepcopy(state["requests"][request_id]), "replayed": True}
+    submitted = command.get("submitted_term")
+    if submitted is not None:
+        # Not remembered under the request id: the submitter retries it in the new term.
+        if isinstance(submitted, bool) or not isinstance(submitted, int):
+            return {"ok": False, "code": "malformed", "error": "submitted_term must be an integer"}
+        if submitted < state["fence_term"]:
+            return {"ok": False, "code": "stale_submission",
+                    "error": f"submitted in term {submitted}, before the leader of term "
+                             f"{state['fence_term']} claimed it"}
     name = command.get("op")
     op = OPS.get(name) if isinstance(name, str) else None  # a list is no key (TypeError)
     if op is None:

@@ -214,6 +214,9 @@ class _Context:
     def auth_context(self) -> dict[str, Any]:
         return {}
 
+    def time_remaining(self) -> float | None:
+        return None
+
 
 def test_rpc_wrapper_reports_sizes_and_codes():
     calls: list[tuple[str, str, str, int, int]] = []
@@ -234,6 +237,25 @@ def test_rpc_wrapper_reports_sizes_and_codes():
     nobody(wire.pack({}), _Context())
     assert [c[2] for c in calls] == ["ok", "malformed", "internal", "forbidden"]
     assert all(c[:2] == ("svc", "M") for c in calls)
+
+
+def test_handlers_see_their_callers_deadline():
+    seen: list[float] = []
+
+    class _Waiting(_Context):
+        def time_remaining(self) -> float | None:
+            return 2.0
+
+    def handler(msg: dict[str, Any], caller: rpc.Caller) -> dict[str, Any]:
+        seen.append(rpc.time_left(10.0))
+        return {"ok": True}
+
+    wrapped = rpc._wrap(handler, frozenset({""}))
+    wrapped(wire.pack({}), _Waiting())
+    wrapped(wire.pack({}), _Context())
+    assert 1.5 < seen[0] <= 2.0  # cut to what the caller waits for
+    assert seen[1] == 10.0  # no deadline: the handler's own
+    assert rpc.time_left(3.0) == 3.0  # outside a call: untouched
 
 
 def test_audit_writer_counts_appends_not_replays(tmp_path: Path):

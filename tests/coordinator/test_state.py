@@ -408,3 +408,28 @@ def test_late_charge_over_budget_is_recorded_and_flagged():
                      "holders": ["n1", "n2"], "cluster_size": 3,
                      "charges": {"site-d": _charge(0.1, 1.3)}})
     assert over["code"] == "overspend" and s["sites"]["site-d"]["spent"] == 1.2
+
+
+def test_a_write_submitted_before_the_fence_is_refused_unapplied_and_retryable():
+    s = _cluster()  # fence term 5
+    before = _domain(s)
+    stale = {"op": "revoke", "site": "site-c", "request_id": "w1", "submitted_term": 4}
+    r = apply(s, stale)
+    assert r["code"] == "stale_submission" and not r["ok"]
+    assert _domain(s) == before  # nothing applied, nothing remembered under w1
+    again = apply(s, {**stale, "submitted_term": 5})
+    assert again["ok"] and not again.get("replayed")
+    assert s["sites"]["site-c"]["revoked"]
+    # the old copy arriving later is a replay of the applied one, not a second write
+    assert apply(s, stale).get("replayed") is True
+
+
+@pytest.mark.parametrize("term", ["5", 5.0, True, None])
+def test_a_malformed_submitted_term_is_refused(term):
+    s = _cluster()
+    before = _domain(s)
+    r = apply(s, {"op": "revoke", "site": "site-c", "submitted_term": term})
+    if term is None:
+        assert r["ok"]  # absent: not checked
+    else:
+        assert r["code"] == "malformed" and _domain(s) == before

@@ -273,6 +273,9 @@ class _Context:
     def auth_context(self) -> dict[str, Any]:
         return {"x509_pem_cert": [PEMS[self.role]]}
 
+    def time_remaining(self) -> float | None:
+        return None  # a caller without a deadline
+
 
 @st.composite
 def _call(draw: st.DrawFn) -> tuple[str, str, dict[str, Any]]:
