@@ -17,15 +17,10 @@ def _demo() -> dict:
 @pytest.mark.slow
 def test_demo_json_meets_targets():
     result = _demo()
-    # DP-SGD noise makes the final accuracy a random variable: for the demo's split it is
-    # 0.944 +- 0.009 over noise draws (simulations/bench_privacy.py, 8 draws, lowest
-    # 0.929), so one run in about ten lands under 0.93. A second, independent run is the
-    # statistical test; both figures show in the failure message.
-    accuracies = [result["final_accuracy"]]
-    if accuracies[0] < 0.93:
-        result = _demo()
-        accuracies.append(result["final_accuracy"])
-    assert accuracies[-1] >= 0.93, accuracies
+    # DP-SGD noise makes the final accuracy a random variable: for the demo's split and
+    # settings it is 0.957 +- 0.007 over noise draws (simulations/bench_privacy.py, 8
+    # draws, lowest 0.947), so one run must clear the target.
+    assert result["final_accuracy"] >= 0.93, result["final_accuracy"]
     assert result["nodes"] == 3 and result["clients"] == 5
     assert result["rounds_completed"] >= 10
     assert result["leader_changes"] >= 1
