@@ -1,9 +1,12 @@
 """Built-in torch tasks: small models over the bundled datasets, as ``LocalTrainer``s.
 
-Three tasks, one per dataset in ``client.data``:
+One or more tasks per dataset in ``client.data`` (``TASK_DATASET`` maps a task to the
+dataset it trains on):
 
 - ``"breast_cancer"``: MLP 30 -> 32 -> 2 (a hospital's tabular task).
 - ``"digits"``: CNN for 1x8x8 images, 10 classes.
+- ``"digits_small"``: the digits data with fixed (untrained) edge features and one trained
+  Linear (3,210 parameters), for DP-SGD.
 - ``"mnist"``: CNN for 1x28x28 images, 10 classes.
 
 No model uses BatchNorm: per-batch statistics mix records, which record-level DP-SGD
@@ -31,7 +34,16 @@ from torch import nn
 from client.data import SiteData, global_test_data, site_data
 from client.training import EvalResult, FitResult, Parameters
 
-TASKS: tuple[str, ...] = ("breast_cancer", "digits", "mnist")
+TASKS: tuple[str, ...] = ("breast_cancer", "digits", "digits_small", "mnist")
+
+TASK_DATASET: dict[str, str] = {"digits_small": "digits"}
+"""Tasks whose dataset in ``client.data`` has another name; every other task trains on
+the dataset of its own name."""
+
+
+def task_dataset(task: str) -> str:
+    """The ``client.data`` dataset that ``task`` trains and is scored on."""
+    return TASK_DATASET.get(task, task)
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,7 @@ class TaskDefaults:
 TASK_DEFAULTS: dict[str, TaskDefaults] = {
     "breast_cancer": TaskDefaults(lr=0.05, local_epochs=2, batch_size=16),
     "digits": TaskDefaults(lr=0.05, local_epochs=2, batch_size=32),
+    "digits_small": TaskDefaults(lr=0.1, local_epochs=2, batch_size=32),
     "mnist": TaskDefaults(lr=0.05, local_epochs=1, batch_size=32),
 }
 
@@ -89,6 +102,41 @@ class DigitsCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+def _edge_filters() -> torch.Tensor:
+    """Four fixed 3x3 Sobel filters (0, 45, 90 and 135 degrees), shape (4, 1, 3, 3)."""
+    horizontal = [[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]
+    diagonal = [[0.0, 1.0, 2.0], [-1.0, 0.0, 1.0], [-2.0, -1.0, 0.0]]
+    h, d = torch.tensor(horizontal), torch.tensor(diagonal)
+    return torch.stack([h, d, h.T.contiguous(), d.flip(0)]).unsqueeze(1)
+
+
+class DigitsFeatures(nn.Module):
+    """1x8x8 -> fixed features -> Linear -> 10 (Tramer & Boneh 2021: DP needs better features).
+
+    The features are data-independent: the absolute responses of fixed 3x3 Sobel edge
+    filters at four orientations (0/45/90/135 degrees), kept at full 8x8 resolution (256)
+    and concatenated with the 64 raw pixels, then normalised per image (layer norm without
+    affine). Only the Linear (320 -> 10, 3,210 parameters) trains; the filters are a
+    non-persistent buffer, outside ``state_dict()``. Under DP (bench_privacy digits, 10
+    sites, iid, epsilon 3, 3 seeds) this reached 0.876 +- 0.019 (lr 3; 0.877 at lr 4)
+    where the plain linear model (650 parameters) reached 0.830 +- 0.005 and every CNN
+    tried did worse still.
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.register_buffer("filters", _edge_filters(), persistent=False)
+        self.classifier = nn.Linear(8 * 8 + 4 * 8 * 8, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        edges = nn.functional.conv2d(x, self.filters, padding=1).abs()  # (n, 4, 8, 8)
+        f = torch.cat([x.flatten(1), edges.flatten(1)], dim=1)
+        return nn.functional.layer_norm(f, f.shape[1:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
 class MnistCNN(nn.Module):
     """1x28x28 -> conv5 16 -> pool -> conv5 32 -> pool -> 64 -> 10."""
 
@@ -118,6 +166,7 @@ class MnistCNN(nn.Module):
 _MODELS: dict[str, Callable[[], nn.Module]] = {
     "breast_cancer": BreastCancerMLP,
     "digits": DigitsCNN,
+    "digits_small": DigitsFeatures,
     "mnist": MnistCNN,
 }
 
@@ -333,21 +382,21 @@ def make_trainer(
 ) -> TorchTaskTrainer:
     """A trainer for built-in ``task`` on one simulated site.
 
-    The site's records are ``client.data.site_data(task, site_index, num_sites, method,
-    alpha, seed)`` unless ``site`` is given. ``seed`` also seeds the model's initial
+    The site's records are ``client.data.site_data(task_dataset(task), site_index,
+    num_sites, method, alpha, seed)`` unless ``site`` is given. ``seed`` also seeds the model's initial
     weights, so all sites of one run built with the same seed agree on version 0.
     """
     _check_task(task)
     if site is None:
-        site = site_data(task, site_index, num_sites, method, alpha, seed)
-    elif site.name != task:
-        raise ValueError(f"site data is for {site.name!r}, not {task!r}")
+        site = site_data(task_dataset(task), site_index, num_sites, method, alpha, seed)
+    elif site.name != task_dataset(task):
+        raise ValueError(f"site data is for {site.name!r}, not {task_dataset(task)!r} (task {task!r})")
     return TorchTaskTrainer(task, site, device=device, seed=seed)
 
 
 @cache
 def _global_test_tensors(task: str) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y, _ = global_test_data(task)
+    x, y, _ = global_test_data(task_dataset(task))
     return torch.as_tensor(x), torch.as_tensor(y)
 
 

@@ -75,32 +75,49 @@ class Setting:
     momentum: float = 0.0  # local SGD momentum under DP
     sparsity: int = SPARSITY  # one coordinate in `sparsity` is sent
     data_seed: int = -1  # >= 0: fixed split and initial model; seeds then vary DP noise only
+    task: str = ""  # client.tasks task (model) trained on `dataset`; "" means the task `dataset`
+
+    @property
+    def model_task(self) -> str:
+        return self.task or self.dataset
 
 
 SETTINGS: dict[str, Setting] = {
+    # Only knobs the real round driver has: no EMA of released models, no server momentum.
+    # Many small full-batch steps with a linear lr decay to almost nothing: at a fixed
+    # epsilon the total noise-to-signal is about the same however the steps are split,
+    # so more rounds buy optimisation, and the low final lr averages out the last noise.
     "breast_cancer": Setting(
         dataset="breast_cancer",
         num_sites=5,
-        rounds=40,
-        local_epochs=1,
-        steps_per_epoch=1,
-        dp_lr=2.0,
-        lr_final=0.1,
-        clip_norm=1.0,
-        value_clip=1.0,
-        ema=0.8,
-    ),
-    "digits": Setting(
-        dataset="digits",
-        num_sites=10,
-        rounds=40,
+        rounds=100,
         local_epochs=1,
         steps_per_epoch=1,
         dp_lr=1.0,
-        lr_final=0.1,
+        lr_final=0.05,
         clip_norm=1.0,
         value_clip=1.0,
-        ema=0.8,
+    ),
+    # digits_small: |fixed Sobel edge responses| + raw pixels, layer-normed, into one
+    # trained Linear (3,210 parameters; client/tasks.DigitsFeatures). Each site adds noise
+    # for its own ~115 records, sqrt(10) times the noise of one central DP-SGD over all of
+    # them. Clip 0.1 (all per-record gradients clipped: normalised-gradient descent).
+    # iid, eps 3, 3 seeds: 0.876 +- 0.019 at lr 3, 0.877 +- 0.012 at lr 4, 0.864 at lr 2
+    # (target 0.88). With ReLU(+/-) edge halves (5,770 parameters): 0.880 +- 0.008 at lr
+    # 3, 0.878 +- 0.016 at lr 5, 0.875 at lr 1.5 (seed 0).
+    # The plain linear model (650 parameters, lr 40) reached 0.830 +- 0.005; server_lr 2
+    # did not help it (0.797, seed 0).
+    "digits": Setting(
+        dataset="digits",
+        task="digits_small",
+        num_sites=10,
+        rounds=200,
+        local_epochs=1,
+        steps_per_epoch=1,
+        dp_lr=3.0,
+        lr_final=0.01,
+        clip_norm=0.1,
+        value_clip=1.0,
     ),
 }
 
@@ -194,7 +211,7 @@ def run_one(run: Run, rounds_override: int | None = None) -> dict[str, Any]:
     ids = [f"site-{i:02d}" for i in range(s.num_sites)]
     tasks = [
         make_trainer(
-            s.dataset,
+            s.model_task,
             site_index=i,
             num_sites=s.num_sites,
             method=run.split,
@@ -260,7 +277,7 @@ def run_one(run: Run, rounds_override: int | None = None) -> dict[str, Any]:
         last_change = change
         ema_vec = s.ema * ema_vec + (1.0 - s.ema) * global_vec
     released = _unflatten(ema_vec, params) if s.ema > 0 else params
-    accuracy = evaluate_global(s.dataset, released)
+    accuracy = evaluate_global(s.model_task, released)
     eps_spent = max((t.epsilon_spent for t in trainers), default=0.0) if run.epsilon is not None else None
     state_dir.cleanup()
     return {

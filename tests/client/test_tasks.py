@@ -46,7 +46,7 @@ def run_fedavg(
 
 
 def test_tasks_registry() -> None:
-    assert TASKS == ("breast_cancer", "digits", "mnist")
+    assert TASKS == ("breast_cancer", "digits", "digits_small", "mnist")
     assert set(TASK_DEFAULTS) == set(TASKS)
     with pytest.raises(ValueError, match="unknown task"):
         make_trainer("cifar10")
