@@ -6,7 +6,7 @@ dataset it trains on):
 - ``"breast_cancer"``: MLP 30 -> 32 -> 2 (a hospital's tabular task).
 - ``"digits"``: CNN for 1x8x8 images, 10 classes.
 - ``"digits_small"``: the digits data with fixed (untrained) edge features and one trained
-  Linear (3,210 parameters), for DP-SGD.
+  Linear (5,770 parameters), for DP-SGD.
 - ``"mnist"``: CNN for 1x28x28 images, 10 classes.
 
 No model uses BatchNorm: per-batch statistics mix records, which record-level DP-SGD
@@ -113,24 +113,27 @@ def _edge_filters() -> torch.Tensor:
 class DigitsFeatures(nn.Module):
     """1x8x8 -> fixed features -> Linear -> 10 (Tramer & Boneh 2021: DP needs better features).
 
-    The features are data-independent: the absolute responses of fixed 3x3 Sobel edge
-    filters at four orientations (0/45/90/135 degrees), kept at full 8x8 resolution (256)
-    and concatenated with the 64 raw pixels, then normalised per image (layer norm without
-    affine). Only the Linear (320 -> 10, 3,210 parameters) trains; the filters are a
+    The features are data-independent: fixed 3x3 Sobel edge filters at four orientations
+    (0/45/90/135 degrees), each response split into its positive and negative halves
+    (ReLU of +r and -r: eight directed edges), kept at full 8x8 resolution (512) and
+    concatenated with the 64 raw pixels, then normalised per image (layer norm without
+    affine). Only the Linear (576 -> 10, 5,770 parameters) trains; the filters are a
     non-persistent buffer, outside ``state_dict()``. Under DP (bench_privacy digits, 10
-    sites, iid, epsilon 3, 3 seeds) this reached 0.876 +- 0.019 (lr 3; 0.877 at lr 4)
-    where the plain linear model (650 parameters) reached 0.830 +- 0.005 and every CNN
-    tried did worse still.
+    sites, iid, epsilon 3, lr 5, seeds 0-5) this reached 0.878 where |r| (3,210
+    parameters) reached 0.876 at its best lr, 2x2-pooled edges 0.863, the plain linear
+    model 0.830, and every CNN tried did worse still: resolution matters more than the
+    extra noise of more coordinates.
     """
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.register_buffer("filters", _edge_filters(), persistent=False)
-        self.classifier = nn.Linear(8 * 8 + 4 * 8 * 8, num_classes)
+        self.classifier = nn.Linear(8 * 8 + 2 * 4 * 8 * 8, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        edges = nn.functional.conv2d(x, self.filters, padding=1).abs()  # (n, 4, 8, 8)
-        f = torch.cat([x.flatten(1), edges.flatten(1)], dim=1)
+        edges = nn.functional.conv2d(x, self.filters, padding=1)  # (n, 4, 8, 8)
+        directed = torch.cat([nn.functional.relu(edges), nn.functional.relu(-edges)], dim=1)
+        f = torch.cat([x.flatten(1), directed.flatten(1)], dim=1)
         return nn.functional.layer_norm(f, f.shape[1:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

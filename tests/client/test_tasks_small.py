@@ -21,7 +21,8 @@ def test_digits_small_trains_on_the_digits_data() -> None:
 
 def test_digits_small_is_small_and_learns() -> None:
     params = sum(p.numel() for p in build_model("digits_small").parameters())
-    assert params < sum(p.numel() for p in build_model("digits").parameters()) // 10
+    assert params == 10 * (64 + 8 * 64) + 10  # pixels + eight directed edge maps, per class
+    assert params < sum(p.numel() for p in build_model("digits").parameters()) // 5
     # the fixed feature filters are not sent: only the trained Linear is in the state
     assert set(build_model("digits_small").state_dict()) == {"classifier.weight", "classifier.bias"}
     trainer = make_trainer("digits_small", site_index=0, num_sites=1, seed=0, device="cpu")
