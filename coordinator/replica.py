@@ -23,7 +23,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -359,16 +359,33 @@ def keep_links_alive(sync: SyncObj, interval: float) -> None:
     sync.addOnTickCallback(beat)
 
 
+def hang_up_election_delay(
+    self_address: str, member_addresses: Iterable[str], leader_address: str, spread: float, u: float
+) -> float:
+    """Seconds this follower waits before standing, once the leader's link has closed.
+
+    Every follower hears the hang-up within the same millisecond. Had they all drawn
+    from one window, two would often stand before either's vote request arrived and
+    split the vote, and the retry waits out a full election timeout. So the survivors
+    take turns by address: the first stands after ``spread / 3`` (about one heartbeat
+    period, so a live leader whose link merely dropped gets a heartbeat through first),
+    the next one ``spread`` later, and so on. The first's request reaches the others long
+    before their turn and, when they vote for it, pushes their own deadlines back; if
+    its log is behind they refuse, and the next in turn stands a term higher. ``u`` is a
+    uniform draw in [0, 1) that jitters each turn by up to ``spread / 6``."""
+    survivors = sorted(set(member_addresses) - {leader_address} | {self_address})
+    return spread * (survivors.index(self_address) + 1 / 3 + u / 6)
+
+
 def elect_soon_when_leader_hangs_up(sync: SyncObj, spread: float) -> None:
-    """Stand for election within `spread` seconds (uniform) of the leader's link closing.
+    """Stand for election soon after the leader's link closes (``hang_up_election_delay``).
 
     A crashed leader process (SIGKILL, OOM, a panic) has its sockets closed by its kernel,
     so the followers learn of the death at once; waiting out the full 1-2 s election
     timeout then only adds latency. Raft's safety never depends on timing, so an early
-    election is safe; the random spread keeps the two survivors of three from splitting
-    the vote. A leader that is merely cut off (partition, SIGSTOP, a dead machine)
-    closes nothing and is still detected by the timeout; a live leader whose link
-    dropped redials and its next heartbeat pushes the deadline back, as usual.
+    election is safe. A leader that is merely cut off (partition, SIGSTOP, a dead
+    machine) closes nothing and is still detected by the timeout; a live leader whose
+    link dropped redials and its next heartbeat pushes the deadline back, as usual.
     Reaches into pysyncobj 0.3.17's transport callback and election deadline; raises if
     they moved."""
     attr = "_SyncObj__raftElectionDeadline"
@@ -381,10 +398,15 @@ def elect_soon_when_leader_hangs_up(sync: SyncObj, spread: float) -> None:
     def on_disconnected(node: Any) -> None:  # tick thread
         original(node)
         if sync._getLeader() == node and not sync._isLeader():
-            soon = time.monotonic() + spread * random.random()
-            setattr(sync, attr, min(getattr(sync, attr), soon))
-            log.info("leader %s hung up: election within %.2f s", node, spread,
-                     extra={"event": "leader_hung_up"})
+            delay = hang_up_election_delay(
+                sync.selfNode.address,
+                (n.address for n in sync.otherNodes),
+                node.address,
+                spread,
+                random.random(),
+            )
+            setattr(sync, attr, min(getattr(sync, attr), time.monotonic() + delay))
+            log.info("leader %s hung up: election in %.2f s", node, delay, extra={"event": "leader_hung_up"})
 
     transport.setOnNodeDisconnectedCallback(on_disconnected)
 

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import signal
 import time
+from itertools import pairwise
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from coordinator.localcluster import LocalCluster
+from coordinator.replica import hang_up_election_delay
 
 ELECTION = (4.0, 5.0)
 
@@ -22,6 +26,32 @@ def _raft_leader(cluster: LocalCluster, among: list[str]) -> str | None:
         if st and st["raft"]["state"] == "leader":
             return node
     return None
+
+
+_ADDRESSES = st.lists(
+    st.integers(1024, 65535).map(lambda p: f"127.0.0.1:{p}"), min_size=3, max_size=7, unique=True
+)
+
+
+@given(_ADDRESSES, st.lists(st.floats(0.0, 0.999), min_size=7, max_size=7), st.sampled_from([0.2, 0.3]))
+def test_survivors_of_a_hang_up_stand_in_turn(members, draws, spread):
+    """Whatever their jitter, no two survivors stand within 2/3 of a spread of each other
+    (a split vote needs two candidates at once), the leader never counts, and the first
+    waits about one heartbeat period (a third of the spread)."""
+    leader, survivors = members[0], members[1:]
+    delays = sorted(
+        hang_up_election_delay(me, members, leader, spread, u)
+        for me, u in zip(survivors, draws, strict=False)
+    )
+    assert spread / 3 <= delays[0] < spread / 2
+    assert all(b - a >= spread * 2 / 3 for a, b in pairwise(delays))
+    assert delays[-1] < spread * (len(survivors) - 1 + 0.5)
+    # the same survivors agree on the order whether or not a node lists itself
+    me = survivors[-1]
+    others = [m for m in members if m != me]
+    assert hang_up_election_delay(me, others, leader, spread, 0.0) == hang_up_election_delay(
+        me, members, leader, spread, 0.0
+    )
 
 
 @pytest.fixture()

@@ -99,7 +99,8 @@ def test_leader_killed_holding_updates_sites_are_charged_late(tmp_path: Path) ->
             runs = [DPStep.from_dict(d) for d in own["history"]]
             rec = ledger[site]
             assert len(runs) == len(rec["charges"]) == 2, (site, own["history"], rec["charges"])
-            assert [(x["round"], x["attempt"]) for x in rec["charges"]] == [
+            # the late charge may land before or after the retry's commit: either order
+            assert sorted((x["round"], x["attempt"]) for x in rec["charges"]) == [
                 (1, progress["attempt"]), (1, st["history"]["1"]["committed"]["attempt"])]
             mine = epsilon_spent(runs, PRIVACY["delta"])
             assert abs(mine - rec["spent"]) <= 1e-9 * mine, (site, mine, rec["spent"])
