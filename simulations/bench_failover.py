@@ -110,15 +110,30 @@ def node_children(cluster: LocalCluster, node_ids: list[str]) -> set[int]:
     return kids
 
 
-def end_orphans(kids: set[int], orphans: list[int]) -> None:
-    """End, by pid, the processes of dead nodes that outlived them.
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an exited child of a dead node waits, unreaped, for init)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
 
-    A node's privacy-charge worker (coordinator/ledger.py, a spawned ProcessPoolExecutor
-    worker) does not die with its node: left alone, each SIGKILL leaves ~250 MB behind and
-    a long run ends with the OOM killer taking node processes. Their pids go to `orphans`.
+
+def end_orphans(kids: set[int], orphans: list[int], grace: float = 1.0) -> None:
+    """End, by pid, the processes of dead nodes still running `grace` seconds later.
+
+    A node's children (its privacy-charge workers, multiprocessing's resource tracker)
+    are bound to die with it (coordinator/lifeline.py): they get SIGTERM when it goes.
+    One that is still running after the grace period is a leak; it is ended and its pid
+    goes to `orphans`, which the report counts. Zombies are not counted: they hold no
+    memory and only wait for init to reap them.
     """
-    time.sleep(0.05)
+    deadline = time.monotonic() + grace
+    while any(_running(pid) for pid in kids) and time.monotonic() < deadline:
+        time.sleep(0.05)
     for pid in sorted(kids):
+        if not _running(pid):
+            continue
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
