@@ -122,9 +122,9 @@ def _running(pid: int) -> bool:
 def end_orphans(kids: set[int], orphans: list[int], grace: float = 1.0) -> None:
     """End, by pid, the processes of dead nodes still running `grace` seconds later.
 
-    A node's children (its privacy-charge workers, multiprocessing's resource tracker)
-    are bound to die with it (coordinator/lifeline.py): they get SIGTERM when it goes.
-    One that is still running after the grace period is a leak; it is ended and its pid
+    A node's children end with it: its privacy-charge workers get SIGTERM when it goes
+    (coordinator/lifeline.py), multiprocessing's resource tracker exits when its pipe
+    closes. One that is still running after the grace period is a leak; it is ended and its pid
     goes to `orphans`, which the report counts. Zombies are not counted: they hold no
     memory and only wait for init to reap them.
     """
