@@ -121,6 +121,14 @@ class RoundOutcome:
     detail: str
 
 
+def retry_after(reply: dict[str, Any], default: float = 1.0, most: float = 5.0) -> float:
+    """Seconds to wait before calling again after a ``rate_limited`` refusal: the node's
+    ``retry_after_s`` within [0, most]; ``default`` when it sent none or not a number."""
+    retry = reply.get("retry_after_s")
+    retry = retry if isinstance(retry, int | float) else default
+    return max(0.0, min(float(retry), most))  # NaN gives 0.0
+
+
 class Agent:
     def __init__(
         self,
@@ -171,22 +179,32 @@ class Agent:
     # ------------------------------------------------------------ main loop
 
     def run(self, max_rounds: int | None = None) -> None:
-        done, backoff = 0, 0.2
+        done, backoff, failures = 0, 0.2, 0
         while not self.stopped.is_set() and (max_rounds is None or done < max_rounds):
             try:
                 reply = self._call("Poll", {"wait": self.poll_wait_s, **self._unsettled()},
                                    timeout=self.poll_wait_s + 5)
-                backoff = 0.2
+                backoff, failures = 0.2, 0
                 self._settle(reply)
             except grpc.RpcError as exc:
                 log.info("node %s unreachable (%s); trying the next", self._address(),
                          exc.code().name)
                 self._next_node()
-                self.stopped.wait(backoff)
-                backoff = min(backoff * 2, 2.0)
+                failures += 1
+                # The next node may well be up (one died, the rest elect a leader): try it
+                # at once; back off only once every listed node has failed in a row.
+                if failures % len(self.nodes):
+                    self.stopped.wait(0.05)
+                else:
+                    self.stopped.wait(backoff)
+                    backoff = min(backoff * 2, 2.0)
                 continue
             if not reply.get("ok"):
                 code = reply.get("code")
+                if code == "rate_limited":  # the node says when to call again: often ms, not 1 s
+                    log.info("rate limited by %s: %s", self._address(), reply.get("error"))
+                    self.stopped.wait(retry_after(reply))
+                    continue
                 log.error("refused by %s: %s (%s)", self._address(), reply.get("error"), code)
                 if code in ("unenrolled", "revoked", "bad_signature", "forbidden"):
                     raise PermissionError(f"{code}: {reply.get('error')}")
@@ -294,9 +312,7 @@ class Agent:
                 self._leader_hint = reply["leader"]
                 continue
             if reply.get("code") == "rate_limited":  # nothing was taken: wait, send again
-                retry = reply.get("retry_after_s")
-                retry = retry if isinstance(retry, int | float) else 1.0
-                self.stopped.wait(max(0.0, min(float(retry), 5.0)))  # NaN gives 0.0
+                self.stopped.wait(retry_after(reply))
                 continue
             return reply
         return {"ok": False, "code": "no_leader", "error": "could not reach the leader"}

@@ -41,6 +41,12 @@ GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES + 1024),
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
+    # A node that died comes back (or its successor answers) within seconds. gRPC's
+    # default reconnect backoff (1 s, growing to 120 s) keeps failing calls to it at once
+    # with UNAVAILABLE long after it is up: sites then skip a live leader for seconds.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
 ]
 
 

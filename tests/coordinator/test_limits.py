@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,53 @@ def test_throttled_calls_over_grpc(pki_dir: Path) -> None:
     finally:
         a.close()
         b.close()
+        server.stop(0)
+
+
+def test_agent_waits_the_retry_after_it_is_given(pki_dir: Path, tmp_path: Path) -> None:
+    """A site throttled while polling calls again after the node's retry-after (here
+    20 ms), not after the 1 s it waits on other refusals: right after a failover every
+    site polls at once, and a second lost per throttled poll showed in round recovery."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from client.agent import Agent, retry_after
+
+    assert retry_after({"retry_after_s": 0.02}) == 0.02
+    assert retry_after({}) == 1.0 and retry_after({"retry_after_s": "soon"}) == 1.0
+    assert retry_after({"retry_after_s": math.nan}) == 0.0
+    assert retry_after({"retry_after_s": -3}) == 0.0 and retry_after({"retry_after_s": 1e9}) == 5.0
+
+    limiter = RateLimiter({wire.FLEET_SERVICE: Limit(rate=50.0, burst=1.0)})
+    polls: list[float] = []
+    agent: Agent | None = None
+
+    def poll(msg: dict[str, Any], caller: rpc.Caller) -> dict[str, Any]:
+        polls.append(time.monotonic())
+        if len(polls) == 4 and agent is not None:
+            agent.stopped.set()
+        return {"ok": True, "status": "idle"}
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = rpc.make_server(_ident(pki_dir, "n1"), f"127.0.0.1:{port}", {
+        wire.FLEET_SERVICE: {"Poll": (poll, frozenset({"client"}))}}, workers=4, limiter=limiter)
+    server.start()
+    ident = _ident(pki_dir, "site-a")
+    tls = (ident.ca.read_bytes(), ident.cert.read_bytes(), ident.key.read_bytes())
+    agent = Agent("site-a", [f"127.0.0.1:{port}"], tls, Ed25519PrivateKey.generate(),
+                  trainer=None, state_dir=tmp_path / "state", poll_wait_s=0.0)  # type: ignore[arg-type]
+    try:
+        t0 = time.monotonic()
+        runner = threading.Thread(target=agent.run, daemon=True)
+        runner.start()
+        runner.join(10)
+        assert not runner.is_alive()
+        # 50 calls/s with a burst of 1: every other poll is throttled for ~20 ms
+        assert len(polls) == 4
+        assert time.monotonic() - t0 < 1.0, polls
+    finally:
+        agent.stopped.set()
         server.stop(0)
 
 
