@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import statistics
@@ -43,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+from node_orphans import end_orphans, node_children, stop_cluster  # noqa: E402
 
 from coordinator import wire  # noqa: E402
 from coordinator.admin_client import AdminClient, OperatorConfig, Refused, Unreachable  # noqa: E402
@@ -75,82 +75,6 @@ def log(msg: str) -> None:
 
 def pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
-
-
-# ---------------------------------------------------------------------- orphans
-
-
-def descendants(pid: int) -> set[int]:
-    """Processes below `pid` (Linux /proc; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in out:
-                out.add(child)
-                todo.append(child)
-    return out
-
-
-def node_children(cluster: LocalCluster, node_ids: list[str]) -> set[int]:
-    kids: set[int] = set()
-    for node_id in node_ids:
-        popen = cluster.node_procs[node_id].popen
-        if popen is not None and popen.poll() is None:
-            kids |= descendants(popen.pid)
-    return kids
-
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (an exited child of a dead node waits, unreaped, for init)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
-
-
-def end_orphans(kids: set[int], orphans: list[int], grace: float = 1.0) -> None:
-    """End, by pid, the processes of dead nodes still running `grace` seconds later.
-
-    A node's children end with it: its privacy-charge workers get SIGTERM when it goes
-    (coordinator/lifeline.py), multiprocessing's resource tracker exits when its pipe
-    closes. One that is still running after the grace period is a leak; it is ended and its pid
-    goes to `orphans`, which the report counts. Zombies are not counted: they hold no
-    memory and only wait for init to reap them.
-    """
-    deadline = time.monotonic() + grace
-    while any(_running(pid) for pid in kids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for pid in sorted(kids):
-        if not _running(pid):
-            continue
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            continue
-        orphans.append(pid)
-
-
-def sigkill_node(cluster: LocalCluster, node_id: str, orphans: list[int]) -> None:
-    kids = node_children(cluster, [node_id])
-    cluster.kill_node(node_id, signal.SIGKILL)
-    end_orphans(kids, orphans)
-
-
-def stop_cluster(cluster: LocalCluster, orphans: list[int]) -> None:
-    kids = node_children(cluster, list(cluster.node_procs))
-    cluster.stop()
-    end_orphans(kids, orphans)
 
 
 # ---------------------------------------------------------------------- cluster helpers

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import signal
@@ -47,6 +46,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+from node_orphans import sigkill_node, stop_cluster  # noqa: E402
 
 from coordinator import wire  # noqa: E402
 from coordinator.admin_client import AdminClient, OperatorConfig, Refused, Unreachable  # noqa: E402
@@ -406,67 +406,6 @@ def check_cluster(
         ledger.check_overspend(sites, rs)
     ledger.confirm(lasts)
     return {"leader": leader, "last_round": max(lasts), "acked": len(acked)}
-
-
-# ---------------------------------------------------------------------- orphans
-
-
-def descendants(pid: int) -> set[int]:
-    """Processes below `pid` (Linux /proc; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in out:
-                out.add(child)
-                todo.append(child)
-    return out
-
-
-def node_children(cluster: LocalCluster, node_ids: list[str]) -> set[int]:
-    kids: set[int] = set()
-    for node_id in node_ids:
-        popen = cluster.node_procs[node_id].popen
-        if popen is not None and popen.poll() is None:
-            kids |= descendants(popen.pid)
-    return kids
-
-
-def end_orphans(kids: set[int], orphans: list[int]) -> None:
-    """End, by pid, the processes of dead nodes that outlived them.
-
-    A node's privacy-charge worker (coordinator/ledger.py, a spawned ProcessPoolExecutor
-    worker) does not die with its node: left alone, each SIGKILL leaves ~250 MB behind and
-    a long run ends with the OOM killer taking node processes. Their pids go to `orphans`.
-    """
-    time.sleep(0.05)
-    for pid in sorted(kids):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            continue
-        orphans.append(pid)
-
-
-def sigkill_node(cluster: LocalCluster, node_id: str, orphans: list[int]) -> None:
-    kids = node_children(cluster, [node_id])
-    cluster.kill_node(node_id, signal.SIGKILL)
-    end_orphans(kids, orphans)
-
-
-def stop_cluster(cluster: LocalCluster, orphans: list[int]) -> None:
-    kids = node_children(cluster, list(cluster.node_procs))
-    cluster.stop()
-    end_orphans(kids, orphans)
 
 
 # ---------------------------------------------------------------------- faults
