@@ -319,11 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     ks = [100_000] if args.quick else [100_000, 1_000_000]
     rows = []
     bench_fedraft(5, 1000, set())  # warm up imports and lazy initialisation
-    if not args.json:
-        print(
-            f"{'n':>4} {'K':>9} {'drop':>5} | {'fedraft srv':>11} {'fedraft cli':>11} | "
-            f"{'flower srv':>10} {'flower cli':>10} | {'plain sum':>9} | {'speedup':>7}"
-        )
+    print(
+        f"{'n':>4} {'K':>9} {'drop':>5} | {'fedraft srv':>11} {'fedraft cli':>11} | "
+        f"{'flower srv':>10} {'flower cli':>10} | {'plain sum':>9} | {'speedup':>7}"
+    )
     for k in ks:
         for n in ns:
             for dropout in (0.0, 0.1):
@@ -352,15 +351,14 @@ def main(argv: list[str] | None = None) -> int:
                     "plain_sum_s": round(plain, 5),
                 }
                 rows.append(row)
-                if not args.json:
-                    speed = "-" if fl_srv is None else f"{fl_srv / f_srv:6.1f}x"
-                    fls = "-" if fl_srv is None else f"{fl_srv:10.3f}"
-                    flc = "-" if fl_cli is None else f"{fl_cli:10.3f}"
-                    print(
-                        f"{n:>4} {k:>9} {dropout:>5.0%} | {f_srv:>11.3f} {f_cli:>11.4f} | "
-                        f"{fls:>10} {flc:>10} | {plain:>9.4f} | {speed:>7}",
-                        flush=True,
-                    )
+                speed = "-" if fl_srv is None else f"{fl_srv / f_srv:6.1f}x"
+                fls = "-" if fl_srv is None else f"{fl_srv:10.3f}"
+                flc = "-" if fl_cli is None else f"{fl_cli:10.3f}"
+                print(
+                    f"{n:>4} {k:>9} {dropout:>5.0%} | {f_srv:>11.3f} {f_cli:>11.4f} | "
+                    f"{fls:>10} {flc:>10} | {plain:>9.4f} | {speed:>7}",
+                    flush=True,
+                )
     if args.json:
         print(json.dumps({"rows": rows}))
     return 0
