@@ -41,7 +41,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
@@ -62,7 +62,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from privacy import shamir
-from privacy.prg import MaskStream
+from privacy.prg import apply_masks
+
+MaskApplier = Callable[[np.ndarray, Sequence[bytes], Sequence[bytes]], None]
+"""Adds the PRG masks of the first keys to a uint32 vector and subtracts the second's."""
 
 Rng = Callable[[int], bytes]
 """An os.urandom-like callable: n -> n random bytes."""
@@ -772,16 +775,13 @@ class SecAggClient:
         s_shares: dict[str, shamir.Share] = {}
         for v in sorted(peers):
             b_shares[v], s_shares[v] = self._open(v, request.ciphertexts[v])
-        y = x.copy()
-        stream = MaskStream(p.vector_len)
-        stream.add_to(y, _self_mask_key(p, self._seed, me))
+        add, subtract = [_self_mask_key(p, self._seed, me)], []
         for v in sorted(peers):
             shared = _exchange(self._s_key, self._peer_adverts[v].s_public)
             key = _pairwise_key(p, shared, me, v)
-            if pairwise_sign(me, v) > 0:
-                stream.add_to(y, key)
-            else:
-                stream.subtract_from(y, key)
+            (add if pairwise_sign(me, v) > 0 else subtract).append(key)
+        y = x.copy()
+        apply_masks(y, add, subtract)
         self._b_shares, self._s_shares = b_shares, s_shares
         self._mask_peers = peers
         self._u1 = u1
@@ -871,13 +871,16 @@ class SecAggServer:
     receive_* methods validate a message completely before storing it (a rejected
     message changes nothing); close_* methods end a stage and return what to send next.
     Masked vectors are added into a running sum as they arrive, so the server never
-    keeps a client's vector.
+    keeps a client's vector. `masker` removes the masks at the end (`apply_masks`'s
+    signature); the coordinator passes one that spreads the work over processes.
     """
 
     def __init__(
-        self, params: SecAggParams, identity_keys: Mapping[str, Ed25519PublicKey | bytes]
+        self, params: SecAggParams, identity_keys: Mapping[str, Ed25519PublicKey | bytes],
+        masker: MaskApplier = apply_masks,
     ) -> None:
         self.params = params
+        self._masker = masker
         self._identities = _normalise_identities(identity_keys)
         self.stage = Stage.ADVERTISE
         self._adverts: dict[str, Advertisement] = {}
@@ -959,10 +962,6 @@ class SecAggServer:
             out[u] = MaskedInputRequest(p.context, u, survivors, MappingProxyType(inbox))
         self._u1 = u1
         self._shares = {}
-        # Zeroed by writing: np.zeros pages would fault twice (read, then copy on write)
-        # during the first add.
-        self._sum = np.empty(p.vector_len, dtype=np.uint32)
-        self._sum.fill(0)
         self.stage = Stage.MASKED_INPUT
         return out
 
@@ -984,8 +983,11 @@ class SecAggServer:
                 f"masked input must be uint32 of shape ({p.vector_len},), got "
                 f"{getattr(v, 'dtype', type(v))} {getattr(v, 'shape', '')}"
             )
-        assert self._sum is not None
-        np.add(self._sum, v, out=self._sum)
+        if self._sum is None:
+            # The running sum starts as a copy of the first vector: no zero-filled pass.
+            self._sum = v.copy()
+        else:
+            np.add(self._sum, v, out=self._sum)
         self._masked_from.add(msg.sender)
 
     def close_masked_input(self) -> UnmaskRequest:
@@ -1056,12 +1058,14 @@ class SecAggServer:
                     )
         assert self._sum is not None
         total = self._sum
-        stream = MaskStream(p.vector_len)
+        # Every key is recovered before any mask is removed, so an abort unmasks nothing.
+        add: list[bytes] = []
+        subtract: list[bytes] = []
         for owner in sorted(b_shares):
             seed = _reconstruct(b_shares[owner], f"self-mask seed of {owner!r}")
             if len(seed) != SEED_BYTES:
                 raise ProtocolAbort(f"self-mask seed of {owner!r} has the wrong length")
-            stream.subtract_from(total, _self_mask_key(p, seed, owner))
+            subtract.append(_self_mask_key(p, seed, owner))
         for owner in sorted(s_shares):
             raw = _reconstruct(s_shares[owner], f"masking key of {owner!r}")
             if len(raw) != 32:
@@ -1072,10 +1076,8 @@ class SecAggServer:
             for w in sorted(p.neighbours[owner] & u2):
                 key = _pairwise_key(p, _exchange(s_key, self._adverts[w].s_public), w, owner)
                 # w added sign(w, owner) * PRG; take it back out.
-                if pairwise_sign(w, owner) > 0:
-                    stream.subtract_from(total, key)
-                else:
-                    stream.add_to(total, key)
+                (subtract if pairwise_sign(w, owner) > 0 else add).append(key)
+        self._masker(total, add, subtract)
         responders = tuple(sorted(self._responses))
         self.stage = Stage.DONE
         self._sum = None
