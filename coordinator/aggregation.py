@@ -18,6 +18,7 @@ from coordinator import wire
 from coordinator.aggregate import PlainSum, weighted_mean
 from privacy import secagg
 from privacy.plan import RoundPlan
+from privacy.prg import apply_masks
 from privacy.sparsify import scatter
 
 SECURE_STAGES = ("advertise", "share", "masked", "unmask")
@@ -68,12 +69,13 @@ class PlainAggregation:
 class SecureAggregation:
     stages = SECURE_STAGES
 
-    def __init__(self, plan: RoundPlan, identity_keys: Mapping[str, str]) -> None:
+    def __init__(self, plan: RoundPlan, identity_keys: Mapping[str, str],
+                 masker: secagg.MaskApplier = apply_masks) -> None:
         if plan.secagg is None or plan.codec is None:
             raise ValueError("the plan has no secure aggregation parameters")
         self.plan = plan
         keys = {s: bytes.fromhex(k) for s, k in identity_keys.items()}
-        self.server = secagg.SecAggServer(plan.secagg, keys)
+        self.server = secagg.SecAggServer(plan.secagg, keys, masker)
         self.stage = "advertise"
         self._expected: frozenset[str] = frozenset(plan.secagg.participants)
         self._payloads: dict[str, dict[str, Any]] = {}

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coordinator.mask_pool import default_workers
 from coordinator.ratelimit import DEFAULT_ADMIN, DEFAULT_FLEET, Limit
 
 
@@ -43,6 +44,7 @@ class NodeConfig:
     audit_key: Path | None = None
     audit_db: str = ""
     fleet_workers: int = 64
+    unmask_workers: int = field(default_factory=default_workers)  # helper processes
     metrics_bind: str = ""  # host:port serving Prometheus /metrics; "" is off
     log_json: bool = False
     join: bool = False  # joining a running cluster: start no election until a leader calls
@@ -154,7 +156,8 @@ SECTIONS: dict[str, frozenset[str]] = {
     "audit": frozenset({"key", "db"}),
     "metrics": frozenset({"bind"}),
     "log": frozenset({"json"}),
-    "limits": frozenset({"fleet_rps", "fleet_burst", "admin_rps", "admin_burst", "fleet_workers"}),
+    "limits": frozenset({"fleet_rps", "fleet_burst", "admin_rps", "admin_burst", "fleet_workers",
+                          "unmask_workers"}),
 }
 """The tables of node.toml and their keys (plus the [[peers]] array): a misspelt key is an
 error, not a silently ignored default."""
@@ -229,6 +232,7 @@ def load_node_config(path: Path) -> NodeConfig:
         fleet_limit=_limit(r, "fleet", DEFAULT_FLEET),
         admin_limit=_limit(r, "admin", DEFAULT_ADMIN),
         fleet_workers=r.number("limits", "fleet_workers", int, 64, 1),
+        unmask_workers=r.number("limits", "unmask_workers", int, default_workers(), 0),
     )
 
 

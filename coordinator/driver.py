@@ -407,7 +407,7 @@ class RoundDriver:
                           change, config)
         if config["secure_aggregation"]:
             agg: PlainAggregation | SecureAggregation = SecureAggregation(
-                plan, {p: st["keys"][p] for p in participants})
+                plan, {p: st["keys"][p] for p in participants}, self.node.mask_pool)
         else:
             agg = PlainAggregation(plan, frozenset(participants))
         session = RoundSession(

@@ -24,6 +24,7 @@ from coordinator.audit_writer import AuditWriter, load_signer
 from coordinator.blobs import BlobError, BlobStore
 from coordinator.config import NodeAddress, NodeConfig
 from coordinator.driver import RoundDriver
+from coordinator.mask_pool import MaskPool
 from coordinator.membership import Membership
 from coordinator.ratelimit import RateLimiter
 from coordinator.replica import CommandFailed, Replica
@@ -81,6 +82,8 @@ class Node:
         )
         self.membership = Membership(self)  # live members and endpoints, not the static config
         self.metrics.watch(metrics.node_view(self))
+        # Only the leader unmasks; its helper processes start at the first long vector.
+        self.mask_pool = MaskPool(config.unmask_workers)
         self.driver = RoundDriver(self)
         self.limiter = RateLimiter(limits.service_limits(config.fleet_limit, config.admin_limit))
         self.fleet_server = rpc.make_server(self.identity, config.self_addr.fleet, {
@@ -130,6 +133,7 @@ class Node:
         self.fleet_server.stop(1)
         self.admin_server.stop(1)
         self.replica.destroy()
+        self.mask_pool.close()
         self.audit.close()
         self.metrics.close()
 

@@ -14,6 +14,7 @@ import pytest
 
 from coordinator import limits, membership, pki, rpc, wire
 from coordinator.config import ConfigError, NodeAddress, load_node_config, render_node_config
+from coordinator.mask_pool import default_workers
 from coordinator.ratelimit import DEFAULT_ADMIN, DEFAULT_FLEET, Limit, RateLimiter, TokenBucket
 
 
@@ -224,7 +225,8 @@ def _node_toml(tmp_path: Path, extra: str = "") -> Path:
 @pytest.fixture
 def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     monkeypatch.setenv("FEDRAFT_RAFT_PASSWORD", "x" * 20)
-    for key in ("FLEET_RPS", "FLEET_BURST", "ADMIN_RPS", "ADMIN_BURST", "FLEET_WORKERS"):
+    for key in ("FLEET_RPS", "FLEET_BURST", "ADMIN_RPS", "ADMIN_BURST", "FLEET_WORKERS",
+                "UNMASK_WORKERS"):
         monkeypatch.delenv(f"FEDRAFT_LIMITS_{key}", raising=False)
     return monkeypatch
 
@@ -236,8 +238,12 @@ def test_limits_config_defaults_file_and_env(tmp_path: Path, env: pytest.MonkeyP
                                                 "fleet_workers = 16\n"))
     assert cfg.fleet_limit == Limit(5.0, DEFAULT_FLEET.burst) and not cfg.admin_limit.enabled
     assert cfg.fleet_workers == 16
+    assert cfg.unmask_workers == default_workers()
     env.setenv("FEDRAFT_LIMITS_FLEET_BURST", "7.5")
     assert load_node_config(_node_toml(tmp_path)).fleet_limit.burst == 7.5
+    assert load_node_config(_node_toml(tmp_path, "\n[limits]\nunmask_workers = 0\n")).unmask_workers == 0
+    env.setenv("FEDRAFT_LIMITS_UNMASK_WORKERS", "2")
+    assert load_node_config(_node_toml(tmp_path)).unmask_workers == 2
 
 
 @pytest.mark.parametrize(("extra", "variable", "key"), [
@@ -250,6 +256,7 @@ def test_limits_config_defaults_file_and_env(tmp_path: Path, env: pytest.MonkeyP
     ("", ("FEDRAFT_LIMITS_ADMIN_RPS", "nan"), r"^limits\.admin_rps: expected a finite"),
     ("", ("FEDRAFT_RAFT_ELECTION_MAX_S", "inf"), r"^raft\.election_max_s: expected a finite"),
     ("", ("FEDRAFT_LIMITS_FLEET_WORKERS", "2.5"), r"^limits\.fleet_workers: expected int"),
+    ("\n[limits]\nunmask_workers = -1\n", None, r"^limits\.unmask_workers: must be >= 0"),
 ])
 def test_limits_config_errors_name_the_key(tmp_path: Path, env: pytest.MonkeyPatch, extra: str,
                                            variable: tuple[str, str] | None, key: str) -> None:
