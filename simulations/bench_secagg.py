@@ -1,14 +1,18 @@
 """Benchmark fedraft's SecAgg+ against Flower 1.41's SecAgg+ and a plain float32 sum.
 
     .venv/bin/python simulations/bench_secagg.py [--quick] [--skip-flower-above N] [--json]
+        [--ns 10,20] [--ks 1000000] [--repeat 3] [--flower-repeat 1] [--unmask-workers W]
 
 For each (n clients, K words, dropout) it runs, in one process:
 
 * fedraft: the four SecAgg+ stages of privacy.secagg driven in memory; each client step
   is timed separately. fedraft_server_s is all server work of the session (verify
-  adverts, route shares, add masked vectors as they arrive, reconstruct and unmask);
-  fedraft_client_s is one client's masked-input step (decrypt shares, expand and add
-  the self mask and every pairwise mask), averaged over clients.
+  adverts, route shares, add masked vectors as they arrive, reconstruct and unmask),
+  with the unmasking spread over the calling thread and --unmask-workers helper
+  processes (`coordinator.mask_pool`, started before timing, as a leader keeps them
+  between rounds); fedraft_server_one_process_s is the same with every mask removed in
+  the calling thread. fedraft_client_s is one client's masked-input step (decrypt
+  shares, expand and add the self mask and every pairwise mask), averaged over clients.
 * Flower: the real `SecAggPlusWorkflow` (server) and `secaggplus_mod` (client) from
   flwr 1.41, exchanging real `Message`s through an in-process Grid that calls the mod
   directly instead of going through a SuperLink. Same n, vector length (K float32
@@ -43,7 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
+from coordinator.mask_pool import MaskPool, default_workers  # noqa: E402
+from privacy.prg import apply_masks  # noqa: E402
 from privacy.secagg import (  # noqa: E402
+    MaskApplier,
     SecAggClient,
     SecAggParams,
     SecAggServer,
@@ -55,7 +62,9 @@ from privacy.secagg import (  # noqa: E402
 # --------------------------------------------------------------------------- fedraft
 
 
-def bench_fedraft(n: int, k: int, dropped: set[int]) -> tuple[float, float, float]:
+def bench_fedraft(
+    n: int, k: int, dropped: set[int], masker: MaskApplier = apply_masks
+) -> tuple[float, float, float]:
     """One fedraft session; returns (server s, mean client masking s, mean client total s)."""
     ids = [f"site-{i:03d}" for i in range(n)]
     degree = default_degree(n)
@@ -69,7 +78,7 @@ def bench_fedraft(n: int, k: int, dropped: set[int]) -> tuple[float, float, floa
     )
     identity = {cid: Ed25519PrivateKey.generate() for cid in ids}
     public = {cid: key.public_key() for cid, key in identity.items()}
-    server = SecAggServer(params, public)
+    server = SecAggServer(params, public, masker)
     clients = {cid: SecAggClient(params, cid, identity[cid], public, os.urandom) for cid in ids}
     server_s = 0.0
     client_total = dict.fromkeys(ids, 0.0)
@@ -302,6 +311,16 @@ def _median(repeat: int, fn, *args):  # type: ignore[no-untyped-def]
     return tuple(float(np.median(col)) for col in zip(*runs, strict=True))
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 2:
+        raise argparse.ArgumentTypeError(f"every value must be at least 2, got {text!r}")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the grid of configurations and print a table (or JSON with --json)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -313,15 +332,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help='last stdout line: {"rows": [...]}')
     ap.add_argument("--repeat", type=int, default=3, help="runs per fedraft/plain figure")
     ap.add_argument("--flower-repeat", type=int, default=1, help="runs per Flower figure")
+    ap.add_argument("--ns", type=_int_list, default=None, metavar="N,N", help="client counts to run")
+    ap.add_argument("--ks", type=_int_list, default=None, metavar="K,K", help="vector lengths to run")
+    ap.add_argument(
+        "--unmask-workers", type=int, default=default_workers(), metavar="W",
+        help="helper processes for the server's unmasking, as a node uses "
+        "([limits] unmask_workers; default: spare cores, at most 3)",
+    )
     args = ap.parse_args(argv)
+    if args.unmask_workers < 0:
+        ap.error("--unmask-workers must be >= 0")
+    with MaskPool(args.unmask_workers) as pool:
+        pool.warm_up()  # a node's helpers stay up between rounds
+        return _run_grid(args, pool)
 
-    ns = [10, 20] if args.quick else [10, 20, 50, 100]
-    ks = [100_000] if args.quick else [100_000, 1_000_000]
+
+def _run_grid(args: argparse.Namespace, pool: MaskPool) -> int:
+
+    ns = args.ns or ([10, 20] if args.quick else [10, 20, 50, 100])
+    ks = args.ks or ([100_000] if args.quick else [100_000, 1_000_000])
     rows = []
     bench_fedraft(5, 1000, set())  # warm up imports and lazy initialisation
+    print(f"fedraft srv: unmasking on the calling thread and {pool.workers} helper process(es); "
+          "1-proc: all in the calling thread")
     print(
-        f"{'n':>4} {'K':>9} {'drop':>5} | {'fedraft srv':>11} {'fedraft cli':>11} | "
-        f"{'flower srv':>10} {'flower cli':>10} | {'plain sum':>9} | {'speedup':>7}"
+        f"{'n':>4} {'K':>9} {'drop':>5} | {'fedraft srv':>11} {'1-proc':>7} {'fedraft cli':>11} | "
+        f"{'flower srv':>10} {'flower cli':>10} | {'plain sum':>9} | {'speedup':>7} {'1-proc':>7}"
     )
     for k in ks:
         for n in ns:
@@ -330,7 +366,11 @@ def main(argv: list[str] | None = None) -> int:
                 dropped = set(range(round(dropout * n)))
                 degree = default_degree(n)
                 threshold = default_threshold(degree)
-                f_srv, f_cli, f_tot = _median(args.repeat, bench_fedraft, n, k, dropped)
+                f_srv, f_cli, f_tot = _median(args.repeat, bench_fedraft, n, k, dropped, pool)
+                if pool.workers:
+                    f_one, _, _ = _median(args.repeat, bench_fedraft, n, k, dropped)
+                else:
+                    f_one = f_srv
                 fl_srv = fl_cli = None
                 if args.skip_flower_above is None or n <= args.skip_flower_above:
                     fl_srv, fl_cli = _median(
@@ -344,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                     "degree": degree,
                     "threshold": threshold,
                     "fedraft_server_s": round(f_srv, 4),
+                    "fedraft_server_one_process_s": round(f_one, 4),
+                    "unmask_workers": pool.workers,
                     "fedraft_client_s": round(f_cli, 4),
                     "fedraft_client_all_stages_s": round(f_tot, 4),
                     "flower_server_s": None if fl_srv is None else round(fl_srv, 4),
@@ -352,11 +394,12 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 rows.append(row)
                 speed = "-" if fl_srv is None else f"{fl_srv / f_srv:6.1f}x"
+                speed_one = "-" if fl_srv is None else f"{fl_srv / f_one:6.1f}x"
                 fls = "-" if fl_srv is None else f"{fl_srv:10.3f}"
                 flc = "-" if fl_cli is None else f"{fl_cli:10.3f}"
                 print(
-                    f"{n:>4} {k:>9} {dropout:>5.0%} | {f_srv:>11.3f} {f_cli:>11.4f} | "
-                    f"{fls:>10} {flc:>10} | {plain:>9.4f} | {speed:>7}",
+                    f"{n:>4} {k:>9} {dropout:>5.0%} | {f_srv:>11.3f} {f_one:>7.3f} {f_cli:>11.4f} | "
+                    f"{fls:>10} {flc:>10} | {plain:>9.4f} | {speed:>7} {speed_one:>7}",
                     flush=True,
                 )
     if args.json:
