@@ -147,6 +147,7 @@ class MaskPool:
             if helper is not None:
                 helper.stop()
             helper = self._helpers[i] = _Helper(os.getpid())
+            log.info("unmask helper %d started (pid %s)", i, helper.process.pid)
         return helper
 
     def _drop(self, i: int) -> None:
