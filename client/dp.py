@@ -27,15 +27,13 @@ simulations and tests, which must never be used in production).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
-import tempfile
 import threading
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,44 +43,13 @@ from opacus.validators.errors import UnsupportedModuleError
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.sigma_cache import planned_noise_multiplier
+from client.dp_ledger import STATE_FORMAT as STATE_FORMAT
+from client.dp_ledger import BudgetExceeded as BudgetExceeded
+from client.dp_ledger import ChargePreview, LedgerBacked, PrivacyLedger
+from client.dp_ledger import DPStateError as DPStateError
 from client.tasks import TorchTaskTrainer, get_parameters, set_parameters
 from client.training import EvalResult, FitResult, Parameters
-from privacy.accounting import (
-    BudgetInfeasible,
-    DPStep,
-    accountant_history,
-    epsilon_spent,
-)
-
-STATE_FORMAT = "fedraft-dp-ledger/1"
-
-
-class BudgetExceeded(RuntimeError):
-    """The round would take the site past its privacy budget; nothing was trained."""
-
-    def __init__(self, spent: float, budget: float, charge: float) -> None:
-        self.spent = spent
-        self.budget = budget
-        self.charge = charge
-        super().__init__(
-            f"privacy budget exceeded: spent epsilon {spent:.4f} of {budget:.4f}, this round "
-            f"would cost {charge:.4f} more (total {spent + charge:.4f}); refusing to train"
-        )
-
-    def __reduce__(self) -> tuple[type, tuple[float, float, float]]:
-        return (type(self), (self.spent, self.budget, self.charge))
-
-
-class DPStateError(RuntimeError):
-    """The privacy state file is unreadable or inconsistent; never silently reset."""
-
-
-class ChargePreview(NamedTuple):
-    """What a round would cost: its mechanism and its epsilon charge."""
-
-    step: DPStep
-    epsilon: float
+from privacy.accounting import DPStep, accountant_history
 
 
 def _steps_per_epoch(sample_rate: float) -> int:
@@ -97,30 +64,6 @@ def _steps_per_epoch(sample_rate: float) -> int:
     return k
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """tmp file in the same directory, fsync, rename, fsync the directory: a reader sees
-    the old ledger or the new one, never a torn one, even across a power cut."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def _derive_seed(*parts: object) -> int:
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
@@ -132,7 +75,7 @@ def _new_generator(device: torch.device, seed: int | None) -> torch.Generator:
     return gen
 
 
-class DPTorchTrainer:
+class DPTorchTrainer(LedgerBacked):
     """A ``LocalTrainer`` that trains a built-in task with record-level DP-SGD.
 
     ``epsilon``/``delta`` is the site's total budget over all rounds; the noise
@@ -163,20 +106,7 @@ class DPTorchTrainer:
         local_epochs: int | None = None,
         seed: int | None = None,
     ) -> None:
-        if not (isinstance(epsilon, int | float) and math.isfinite(epsilon) and epsilon > 0):
-            raise ValueError(f"epsilon must be positive and finite, got {epsilon!r}")
-        if not (isinstance(delta, int | float) and 0 < delta < 1):
-            raise ValueError(f"delta must be in (0, 1), got {delta!r}")
-        if isinstance(planned_rounds, bool) or not isinstance(planned_rounds, int) or planned_rounds < 1:
-            raise ValueError(f"planned_rounds must be an int >= 1, got {planned_rounds!r}")
-        if not (math.isfinite(clip_norm) and clip_norm > 0):
-            raise ValueError(f"clip_norm must be positive and finite, got {clip_norm!r}")
         self._task = task_trainer
-        self._budget = float(epsilon)
-        self._delta = float(delta)
-        self._planned_rounds = planned_rounds
-        self._clip = float(clip_norm)
-        self._state_path = Path(state_path)
         self._seed = seed
         self._lock = threading.Lock()
 
@@ -207,10 +137,11 @@ class DPTorchTrainer:
         if isinstance(planned_epochs, bool) or not isinstance(planned_epochs, int) or planned_epochs < 1:
             raise ValueError(f"local_epochs must be an int >= 1, got {planned_epochs!r}")
         self._planned_epochs = planned_epochs
-        self._steps_per_round = planned_epochs * self._k
-
-        self._history: list[DPStep] = []
-        self._sigma = self._load_or_plan()
+        self.ledger = PrivacyLedger(
+            state_path, epsilon, delta, planned_rounds, clip_norm,
+            sample_rate=self._q, steps_per_round=planned_epochs * self._k,
+            header={"task": task_trainer.task_name, "num_train": task_trainer.site.num_train},
+        )
 
         self._sample_gen = _new_generator(
             torch.device("cpu"), None if seed is None else _derive_seed(seed, "sample")
@@ -226,13 +157,13 @@ class DPTorchTrainer:
             warnings.simplefilter("ignore", UserWarning)
             self.privacy_engine = PrivacyEngine(accountant="prv", secure_mode=False)
         # Continue the site's accounting: Opacus's own accountant starts from the ledger.
-        self.privacy_engine.accountant.history = list(accountant_history(self._history))
+        self.privacy_engine.accountant.history = list(accountant_history(self.ledger.history))
         self._model, self._optimizer, dp_loader = self.privacy_engine.make_private(
             module=model,
             optimizer=task_trainer.make_optimizer(defaults),
             data_loader=loader,
-            noise_multiplier=self._sigma,
-            max_grad_norm=self._clip,
+            noise_multiplier=self.ledger.sigma,
+            max_grad_norm=self.ledger.clip_norm,
             poisson_sampling=True,
             noise_generator=self._noise_gen,
         )
@@ -240,94 +171,7 @@ class DPTorchTrainer:
         if abs(dp_loader.sample_rate - self._q) > 1e-12:  # pragma: no cover - opacus changed
             raise RuntimeError(f"Opacus sample rate {dp_loader.sample_rate} != planned {self._q}")
 
-    # ----------------------------------------------------------------- state file
-
-    def _plan(self) -> dict[str, Any]:
-        return {
-            "epsilon_budget": self._budget,
-            "delta": self._delta,
-            "sample_rate": self._q,
-            "clip_norm": self._clip,
-            "planned_rounds": self._planned_rounds,
-            "steps_per_round": self._steps_per_round,
-        }
-
-    def _load_or_plan(self) -> float:
-        stored: dict[str, Any] = {}
-        if self._state_path.exists():
-            try:
-                stored = json.loads(self._state_path.read_bytes())
-                if stored.get("format") != STATE_FORMAT:
-                    raise ValueError(f"format is {stored.get('format')!r}, expected {STATE_FORMAT!r}")
-                self._history = [DPStep.from_dict(d) for d in stored["history"]]
-            except (OSError, ValueError, TypeError, KeyError) as exc:
-                raise DPStateError(
-                    f"cannot read the privacy ledger {self._state_path}: {exc}. Refusing to start "
-                    "(a reset would forget the privacy already spent); restore it from backup"
-                ) from exc
-        if stored.get("plan") == self._plan() and isinstance(stored.get("noise_multiplier"), float):
-            return stored["noise_multiplier"]
-        remaining = max(1, self._planned_rounds - len(self._history))
-        try:
-            sigma = planned_noise_multiplier(
-                self._budget,
-                self._delta,
-                self._q,
-                self._steps_per_round,
-                remaining,
-                self._history,
-                self._clip,
-            )
-        except BudgetInfeasible:
-            # Nothing fits any more: keep a valid engine (evaluation still works) and let
-            # every fit refuse with BudgetExceeded.
-            sigma = self._history[-1].noise_multiplier if self._history else 1.0
-        self._sigma = sigma
-        self._save()
-        return sigma
-
-    def _save(self) -> None:
-        state = {
-            "format": STATE_FORMAT,
-            "task": self._task.task_name,
-            "num_train": self._task.site.num_train,
-            "plan": self._plan(),
-            "noise_multiplier": self._sigma,
-            "history": [s.to_dict() for s in self._history],
-        }
-        _write_atomic(self._state_path, json.dumps(state, indent=1, sort_keys=True).encode() + b"\n")
-
     # ------------------------------------------------------------------ accounting
-
-    @property
-    def history(self) -> tuple[DPStep, ...]:
-        """The site's ledger: one entry per trained round, oldest first."""
-        return tuple(self._history)
-
-    @property
-    def noise_multiplier(self) -> float:
-        return self._sigma
-
-    @property
-    def sample_rate(self) -> float:
-        return self._q
-
-    @property
-    def clip_norm(self) -> float:
-        return self._clip
-
-    @property
-    def delta(self) -> float:
-        return self._delta
-
-    @property
-    def epsilon_budget(self) -> float:
-        return self._budget
-
-    @property
-    def epsilon_spent(self) -> float:
-        """Epsilon of the ledger so far (equals ``privacy_engine.get_epsilon(delta)``)."""
-        return epsilon_spent(self._history, self._delta)
 
     def _epochs(self, config: Mapping[str, Any]) -> int:
         """The round's local epochs: the config's, else the planned ones."""
@@ -337,15 +181,13 @@ class DPTorchTrainer:
         return epochs
 
     def _round_step(self, config: Mapping[str, Any]) -> DPStep:
-        return DPStep(self._sigma, self._q, self._epochs(config) * self._k, self._clip)
+        ledger = self.ledger
+        return DPStep(ledger.sigma, ledger.sample_rate, self._epochs(config) * self._k, ledger.clip_norm)
 
     def preview_charge(self, config: Mapping[str, Any]) -> ChargePreview:
         """The round's mechanism and epsilon charge for ``config``, without training, so
         the agent can decline a round it cannot afford before the key exchange."""
-        step = self._round_step(config)
-        before = self.epsilon_spent
-        after = epsilon_spent([*self._history, step], self._delta)
-        return ChargePreview(step, max(after - before, 0.0))
+        return self.ledger.preview(self._round_step(config))
 
     # --------------------------------------------------------------- LocalTrainer
 
@@ -370,18 +212,8 @@ class DPTorchTrainer:
                 f"it to {hp.optimizer!r}"
             )
         step = self._round_step(config)
-        spent = self.epsilon_spent
-        total = epsilon_spent([*self._history, step], self._delta)
-        if total > self._budget:
-            raise BudgetExceeded(spent, self._budget, max(total - spent, 0.0))
-
         # Write-ahead: the charge is on disk before any record is used.
-        self._history.append(step)
-        try:
-            self._save()
-        except BaseException:
-            self._history.pop()
-            raise
+        spent = self.ledger.charge(step)
 
         set_parameters(self._task.model, params)
         optimizer = self._optimizer
@@ -418,16 +250,9 @@ class DPTorchTrainer:
         if ran != step.steps:  # pragma: no cover - would mean the ledger is wrong
             raise RuntimeError(f"ran {ran} DP-SGD steps, the ledger recorded {step.steps}")
 
-        eps_total = self.epsilon_spent
         metrics = {
             "train_loss": total_loss / seen if seen else float("nan"),
-            "dp_noise_multiplier": step.noise_multiplier,
-            "dp_sample_rate": step.sample_rate,
-            "dp_steps": float(step.steps),
-            "dp_clip_norm": step.clip_norm,
-            "dp_delta": self._delta,
-            "dp_epsilon": max(eps_total - spent, 0.0),
-            "dp_epsilon_total": eps_total,
+            **self.ledger.release_metrics(step, spent),
         }
         return FitResult(
             params=get_parameters(self._task.model),
