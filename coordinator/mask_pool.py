@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
 
+import msgpack
 import numpy as np
 
 from privacy.prg import apply_masks, check_key, check_target
@@ -31,6 +32,10 @@ MIN_PARALLEL_WORDS = 1 << 18
 """Shorter vectors are unmasked in the calling thread: the hand-off would cost more."""
 
 MAX_DEFAULT_WORKERS = 3
+
+# The pipe protocol: msgpack requests, byte replies (nothing is unpickled from a pipe).
+_STOP, _PING, _OK = b"stop", b"ping", b"ok"
+_MAX_REPLY = 4096
 
 
 def default_workers() -> int:
@@ -60,7 +65,7 @@ class _Helper:
 
     def stop(self) -> None:
         try:
-            self.conn.send(None)
+            self.conn.send_bytes(_STOP)
         except OSError:
             pass
         self.process.join(2)
@@ -112,7 +117,8 @@ class MaskPool:
         for i, (off, count) in enumerate(slices[1:]):
             helper = self._helper(i)
             try:
-                helper.conn.send((self._shm.name, shared.shape[0], off, count, add, subtract))
+                helper.conn.send_bytes(msgpack.packb(
+                    [self._shm.name, shared.shape[0], off, count, add, subtract]))
             except OSError:
                 self._drop(i)
                 helper = None
@@ -134,12 +140,12 @@ class MaskPool:
         try:
             if not helper.conn.poll(self.reply_timeout_s):
                 return False
-            reply = helper.conn.recv()
+            reply = helper.conn.recv_bytes(_MAX_REPLY)
         except (EOFError, OSError):
             return False
-        if reply is not None:
-            log.warning("unmask helper failed: %s", reply)
-        return reply is None
+        if reply != _OK:
+            log.warning("unmask helper failed: %s", reply.decode("utf-8", "replace"))
+        return reply == _OK
 
     def _helper(self, i: int) -> _Helper:
         helper = self._helpers[i]
@@ -174,7 +180,7 @@ class MaskPool:
                 return
             helpers = [self._helper(i) for i in range(self.workers)]
             for helper in helpers:
-                helper.conn.send("ping")
+                helper.conn.send_bytes(_PING)
             for i, helper in enumerate(helpers):
                 if not self._answered(helper):
                     self._drop(i)
@@ -202,20 +208,20 @@ def _serve(conn: Connection, parent: int) -> None:
     attached: dict[str, shared_memory.SharedMemory] = {}
     while True:
         try:
-            request = conn.recv()
+            request = conn.recv_bytes()
         except (EOFError, OSError):
             return
-        if request is None:
+        if request == _STOP:
             return
-        if request == "ping":
-            conn.send(None)
+        if request == _PING:
+            conn.send_bytes(_OK)
             continue
         try:
-            _net_mask(attached, *request)
+            _net_mask(attached, *msgpack.unpackb(request))
         except Exception as exc:  # reported to the caller, who redoes the slice
-            conn.send(f"{exc.__class__.__name__}: {exc}")
+            conn.send_bytes(f"{exc.__class__.__name__}: {exc}".encode()[:_MAX_REPLY])
         else:
-            conn.send(None)
+            conn.send_bytes(_OK)
 
 
 def _watch_parent(parent: int) -> None:
