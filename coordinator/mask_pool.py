@@ -203,7 +203,7 @@ class MaskPool:
 
 
 def _serve(conn: Connection, parent: int) -> None:
-    """A helper's loop: one slice per request, None (or EOF) to stop."""
+    """A helper's loop: one slice per request, until _STOP or the pipe closes."""
     threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
     attached: dict[str, shared_memory.SharedMemory] = {}
     while True:
