@@ -190,15 +190,65 @@ def round_charge(history: Sequence[DPStep], step: DPStep, delta: float) -> float
     (``fits_budget``). Clamped at 0 in case PRV's discretisation ever made the total
     dip (not observed).
     """
-    before = epsilon_spent(history, delta)
-    after = epsilon_spent([*history, step], delta)
-    return max(after - before, 0.0)
+    return charge_increase(epsilon_spent([*history, step], delta), epsilon_spent(history, delta))
 
 
 def fits_budget(history: Sequence[DPStep], step: DPStep, epsilon_budget: float, delta: float) -> bool:
     """True when running ``step`` after ``history`` keeps the total within the budget."""
     budget = _check_budget(epsilon_budget)
-    return epsilon_spent([*history, step], delta) <= budget
+    return within_budget(epsilon_spent([*history, step], delta), budget)
+
+
+# ---------------------------------------------------------------- charges and the budget
+
+BUDGET_SLACK = 1e-9
+"""How far a cumulative epsilon may pass a budget and still be within it.
+
+PRV totals are floats computed by several parties (site, leader, auditor) in separate
+processes; a charge that lands exactly on the budget must not be refused for the last
+bit of rounding. Every budget comparison goes through ``within_budget``."""
+
+CHARGE_FIELDS = ("noise_multiplier", "sample_rate", "steps", "clip_norm")
+"""The DP parameters of one run as a ledger entry records them (with ``delta``)."""
+
+
+def within_budget(total: float, budget: float) -> bool:
+    """True when a cumulative epsilon of ``total`` is within ``budget``."""
+    return total <= budget + BUDGET_SLACK
+
+
+def dp_step(params: Mapping[str, Any]) -> DPStep:
+    """A recorded charge's DP parameters as a ``DPStep``.
+
+    The leader, the site and an auditor all convert a ledger entry through here, so they
+    feed the accountant exactly the same values."""
+    return DPStep(float(params["noise_multiplier"]), float(params["sample_rate"]),
+                  int(params["steps"]), float(params["clip_norm"]))
+
+
+def charge_increase(total: float, spent: float) -> float:
+    """The recorded ``epsilon`` of a charge: the rise of the site's cumulative epsilon.
+
+    PRV totals do not add up, so the increase is a difference of totals (never negative).
+    """
+    return max(0.0, total - spent)
+
+
+def compute_charge(history: Sequence[Mapping[str, Any]], step: Mapping[str, Any], delta: float,
+                   spent: float) -> dict[str, float]:
+    """The ledger entry of one more run: its parameters, its increase and the new total."""
+    run = dp_step(step)
+    total = epsilon_spent([*map(dp_step, history), run], delta)
+    return {"noise_multiplier": run.noise_multiplier, "sample_rate": run.sample_rate,
+            "steps": float(run.steps), "clip_norm": run.clip_norm, "delta": delta,
+            "epsilon": charge_increase(total, spent), "epsilon_total": total}
+
+
+def can_afford_another(history: Sequence[Mapping[str, Any]], delta: float, budget: float) -> bool:
+    """Whether one more run like the site's last keeps its cumulative epsilon in budget."""
+    if not history:
+        return True
+    return within_budget(compute_charge(history, history[-1], delta, 0.0)["epsilon_total"], budget)
 
 
 def noise_multiplier_for(

@@ -34,6 +34,7 @@ from privacy.secagg import (
     WrongContext,
     make_context,
 )
+from privacy.secagg.params import _advert_transcript
 from privacy.sparsify import (
     apply_error_feedback,
     clip_values,
@@ -245,7 +246,7 @@ def test_forged_unsigned_and_impersonated_adverts_rejected_by_server() -> None:
     resigned = dataclasses.replace(
         honest,
         signature=other.sign(
-            secagg._advert_transcript(s.params, "c01", honest.c_public, honest.s_public)
+            _advert_transcript(s.params, "c01", honest.c_public, honest.s_public)
         ),
     )
     for bad in (forged, unsigned, zero_sig, resigned):
