@@ -1,10 +1,10 @@
-"""The public wire schema shared by nodes, the CLI and site agents.
+"""Bytes on the wire: msgpack messages, request signatures and the model codec.
 
-This is the one coordinator module the client may import. Messages are msgpack maps
-(no pickle, no extension types) carried by gRPC over mutual TLS; models travel as
-safetensors. Site requests are signed with the site's enrolled Ed25519 identity key
-over a canonical encoding, so a node can tell an enrolled site from anyone holding a
-certificate.
+msgpack has no code execution on decode (unlike pickle) and carries bytes natively, so
+models and updates need no base64; decoded messages may hold only plain values. Site
+requests are signed with the site's enrolled Ed25519 identity key over a canonical
+encoding, so a node can tell an enrolled site from anyone holding a certificate. Models
+travel as safetensors of float32 tensors, flattened in sorted-name order.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import grpc
 import msgpack
 import numpy as np
 from cryptography.exceptions import InvalidSignature
@@ -22,41 +21,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-FLEET_SERVICE = "fedraft.Fleet"
-ADMIN_SERVICE = "fedraft.Admin"
-FLEET_METHODS = ("Poll", "GetBlob", "Submit")
-ADMIN_METHODS = (
-    "Status", "Enroll", "Revoke", "Sites", "InitModel", "Train", "Stop",
-    "RoundStatus", "GetBlob", "PutBlob", "AddNode", "RemoveNode", "TransferLeader",
+from coordinator.wire.schema import (
+    MAX_MESSAGE_BYTES,
+    MAX_NESTING,
+    MAX_UPDATE_ABS,
+    SIGNATURE_WINDOW_S,
+    WireError,
 )
-
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-MAX_UPDATE_ABS = 1.0e6
-MAX_EXAMPLES = 1_000_000_000
-SIGNATURE_WINDOW_S = 300.0
-POLL_WAIT_MAX_S = 10.0
-HEX64_CHARS = frozenset("0123456789abcdef")
-GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES + 1024),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES + 1024),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    # A node that died comes back (or its successor answers) within seconds. gRPC's
-    # default reconnect backoff (1 s, growing to 120 s) keeps failing calls to it at once
-    # with UNAVAILABLE long after it is up: sites then skip a live leader for seconds.
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1_000),
-]
-
-
-class WireError(ValueError):
-    """A message that does not fit the schema; carries a stable code for the reply."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def pack(message: Mapping[str, Any]) -> bytes:
@@ -76,8 +47,6 @@ def unpack(data: bytes) -> dict[str, Any]:
     return obj
 
 
-MAX_NESTING = 32
-"""Deepest nesting of maps and lists a message may have (ours go about 6 deep)."""
 _PLAIN = (str, bytes, int, float, bool, type(None))
 
 
@@ -100,10 +69,6 @@ def _check_plain(obj: Any) -> None:
             stack.extend((v, depth + 1) for v in value)
         else:
             raise WireError("malformed", f"{type(value).__name__} is not part of the schema")
-
-
-def error(code: str, message: str, **extra: Any) -> dict[str, Any]:
-    return {"ok": False, "code": code, "error": message, **extra}
 
 
 # ---------------------------------------------------------------- signatures
@@ -224,61 +189,3 @@ def decode_update(data: Any, expected_len: int) -> np.ndarray:
 
 def encode_update(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype="<f4").tobytes()
-
-
-# ---------------------------------------------------------------- unsettled DP runs
-
-MAX_UNSETTLED = 20
-"""How many DP runs (its newest) a site reports per Poll or Submit until the ledger settles them."""
-UNSETTLED_DP = ("noise_multiplier", "sample_rate", "steps", "clip_norm", "delta")
-LEDGER_SETTLED = ("charged", "uncharged", "invalid")
-"""Answers in a reply's `ledger` list that settle a run: the site forgets it. Runs still
-open or unknown are not answered and stay unsettled."""
-
-
-def unsettled_run(entry: Any) -> dict[str, Any] | None:
-    """A site's report of one DP run it was charged for by its own accountant:
-    {round, attempt, term, noise_multiplier, sample_rate, steps, clip_norm, delta}.
-    None when it does not fit (the leader answers `invalid` if it names an attempt)."""
-    if not isinstance(entry, dict):
-        return None
-    ints = [entry.get(k) for k in ("round", "attempt", "term")]
-    if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in ints):
-        return None
-    dp = [entry.get(k) for k in UNSETTLED_DP]
-    if any(isinstance(v, bool) or not isinstance(v, int | float) or not np.isfinite(v) for v in dp):
-        return None
-    sigma, q, steps, clip, delta = (float(v) for v in dp)
-    if not (sigma > 0 and 0 < q <= 1 and steps >= 0 and steps == int(steps) and clip > 0
-            and 0 < delta < 1):
-        return None
-    return {"round": ints[0], "attempt": ints[1], "term": ints[2], "noise_multiplier": sigma,
-            "sample_rate": q, "steps": steps, "clip_norm": clip, "delta": delta}
-
-
-class Channel:
-    """A connection to one node's API over mutual TLS: `call(service, method, message)`.
-
-    gRPC (HTTP/2) carries msgpack bodies through generic handlers, so the schema is
-    this module rather than generated protobuf code.
-    """
-
-    def __init__(self, address: str, ca: bytes, cert: bytes, key: bytes) -> None:
-        creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
-                                             certificate_chain=cert)
-        self.address = address
-        self._channel = grpc.secure_channel(address, creds, options=GRPC_OPTIONS)
-        self._stubs: dict[str, Any] = {}
-
-    def call(self, service: str, method: str, message: dict[str, Any],
-             timeout: float = 10.0) -> dict[str, Any]:
-        """Raises grpc.RpcError for transport failures; returns the reply map otherwise."""
-        path = f"/{service}/{method}"
-        stub = self._stubs.get(path)
-        if stub is None:
-            stub = self._channel.unary_unary(path)
-            self._stubs[path] = stub
-        return unpack(stub(pack(message), timeout=timeout))
-
-    def close(self) -> None:
-        self._channel.close()

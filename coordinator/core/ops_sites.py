@@ -1,0 +1,69 @@
+"""Operations on enrolled sites: enroll, set a budget, revoke (an operator's decisions)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from coordinator import wire
+from coordinator.core import ledger
+from coordinator.core.checks import Command, Rejected, operator_name
+
+State = dict[str, Any]
+Result = dict[str, Any]
+
+
+def enroll(state: State, cmd: Command) -> Result:
+    site = wire.site_id(cmd.get("site"))
+    key = wire.hex64(cmd.get("public_key"), "public_key")
+    if site in state["sites"]:
+        raise Rejected("exists", f"site {site!r} is already enrolled (ids are never reused)")
+    if any(rec["public_key"] == key for rec in state["sites"].values()):
+        raise Rejected("exists", "that identity key is enrolled for another site")
+    budget = ledger.budget(cmd)
+    state["sites"][site] = {"public_key": key, "revoked": False, "enrolled_seq": state["seq"],
+                            "budget": budget, "spent": 0.0, "charges": []}
+    return {"site": site}
+
+
+def _enrolled(state: State, cmd: Command) -> tuple[str, dict[str, Any]]:
+    site = wire.site_id(cmd.get("site"))
+    rec = state["sites"].get(site)
+    if rec is None:
+        raise Rejected("unknown_site", f"site {site!r} is not enrolled")
+    return site, rec
+
+
+def set_budget(state: State, cmd: Command) -> Result:
+    """Change an enrolled site's privacy budget (an operator's decision, audited).
+
+    Epsilon may go down only as far as the site has already spent: below that the ledger
+    would hold a site over its budget. Delta may change only before the first charge,
+    since every recorded `epsilon_total` is accounted at the budget's delta and would not
+    be comparable with a budget at another one. Setting the current budget again is
+    accepted and reported as unchanged.
+    """
+    site, rec = _enrolled(state, cmd)
+    if rec["revoked"]:
+        raise Rejected("revoked", f"site {site!r} is revoked; its budget is closed")
+    if "epsilon" not in cmd:
+        raise Rejected("malformed", "missing field 'epsilon'")
+    operator = operator_name(cmd)
+    old = dict(rec["budget"])
+    new = ledger.budget({"epsilon": cmd["epsilon"], "delta": cmd.get("delta", old["delta"])})
+    if new["delta"] != old["delta"] and rec["charges"]:
+        raise Rejected("delta_in_use", f"site {site!r} has been charged at delta {old['delta']:g}; "
+                       "its delta can no longer change")
+    if new["epsilon"] < rec["spent"]:
+        raise Rejected("below_spent", f"site {site!r} has already spent epsilon "
+                       f"{rec['spent']:.6g}; a budget of {new['epsilon']:.6g} would be below it")
+    rec["budget"] = new
+    return {"site": site, "budget": new, "old_budget": old, "spent": rec["spent"],
+            "changed": new != old, "operator": operator}
+
+
+def revoke(state: State, cmd: Command) -> Result:
+    site, rec = _enrolled(state, cmd)
+    if rec["revoked"]:
+        raise Rejected("revoked", f"site {site!r} is already revoked")
+    rec["revoked"] = True
+    return {"site": site}

@@ -1,0 +1,53 @@
+"""Read-only questions about the replicated state (pure): what the driver, the APIs and
+the operations themselves ask of it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+State = dict[str, Any]
+
+
+def last_round(state: State) -> int:
+    """The round of the newest model version; -1 before the genesis model."""
+    return len(state["versions"]) - 1
+
+
+def head(state: State) -> str | None:
+    return state["versions"][-1]["hash"] if state["versions"] else None
+
+
+def eligible_sites(state: State) -> list[str]:
+    """Enrolled and not revoked (the driver also skips sites whose budget is spent)."""
+    return sorted(s for s, rec in state["sites"].items() if not rec["revoked"])
+
+
+def training_pending(state: State) -> bool:
+    return bool(state["versions"]) and last_round(state) < state["training"]["target_round"]
+
+
+def quorum(cluster_size: int) -> int:
+    return cluster_size // 2 + 1
+
+
+def charge_status(state: State, site: str, rnd: int, attempt: int) -> str:
+    """What the ledger says of a site's DP run in one attempt, for the site to settle it.
+
+    "charged": a charge is recorded; "chargeable": the attempt was aborted with the site
+    among its participants but no charge (its leader died holding the update), so a
+    `late_charge` may record it; "uncharged": the attempt ended, or its round committed,
+    and will never charge the site (committed without it, not sampled, or no such
+    attempt); "pending": still open, or unknown here.
+    """
+    hist = state["history"].get(rnd)
+    if hist is None:
+        return "pending"
+    committed = hist["committed"]
+    if committed is not None and committed["attempt"] == attempt:
+        return "charged" if site in committed["charges"] else "uncharged"
+    for aborted in hist["aborted"]:
+        if aborted["attempt"] == attempt:
+            if site in aborted["charges"]:
+                return "charged"
+            return "chargeable" if site in aborted["participants"] else "uncharged"
+    return "pending" if committed is None else "uncharged"
