@@ -15,8 +15,9 @@ from typing import Any
 
 import grpc
 
-from coordinator import pki, rpc, wire
-from coordinator.config import ConfigError, read_toml
+from coordinator import wire
+from coordinator.cluster import pki, rpc
+from coordinator.cluster.config import ConfigError, read_toml
 
 
 class Unreachable(Exception):

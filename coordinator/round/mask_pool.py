@@ -31,16 +31,9 @@ log = logging.getLogger(__name__)
 MIN_PARALLEL_WORDS = 1 << 18
 """Shorter vectors are unmasked in the calling thread: the hand-off would cost more."""
 
-MAX_DEFAULT_WORKERS = 3
-
 # The pipe protocol: msgpack requests, byte replies (nothing is unpickled from a pipe).
 _STOP, _PING, _OK = b"stop", b"ping", b"ok"
 _MAX_REPLY = 4096
-
-
-def default_workers() -> int:
-    """Helper processes by default: one per spare core, at most MAX_DEFAULT_WORKERS."""
-    return max(0, min(MAX_DEFAULT_WORKERS, (os.cpu_count() or 1) - 1))
 
 
 def split_words(length: int, parts: int) -> list[tuple[int, int]]:
@@ -76,10 +69,13 @@ class _Helper:
 
 
 class MaskPool:
-    """Applies masks like `apply_masks`, over the caller and `workers` helper processes."""
+    """Applies masks like `apply_masks`, over the caller and `workers` helper processes.
 
-    def __init__(self, workers: int | None = None, min_parallel_words: int = MIN_PARALLEL_WORDS) -> None:
-        self.workers = default_workers() if workers is None else int(workers)
+    Helpers import this module (spawned, not forked), so it imports nothing heavy: the
+    default count is the node config's (`[limits] unmask_workers`)."""
+
+    def __init__(self, workers: int, min_parallel_words: int = MIN_PARALLEL_WORDS) -> None:
+        self.workers = int(workers)
         if self.workers < 0:
             raise ValueError("workers must be >= 0")
         self.min_parallel_words = int(min_parallel_words)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.audit import AuditSigner, AuditStore
+from coordinator.core import commands
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +37,12 @@ def audit_record(command: dict[str, Any], result: dict[str, Any],
     if not result.get("ok") or result.get("replayed"):
         return None
     op = command.get("op")
-    if op == "enroll":
+    if op == commands.ENROLL:
         site = state["sites"][command["site"]]
         return "client_enrolled", {"site": command["site"], "public_key": site["public_key"],
                                    "epsilon": site["budget"]["epsilon"],
                                    "delta": site["budget"]["delta"]}
-    if op == "set_budget" and result.get("changed"):
+    if op == commands.SET_BUDGET and result.get("changed"):
         old, new = result["old_budget"], result["budget"]
         payload = {"site": result["site"], "epsilon": new["epsilon"], "delta": new["delta"],
                    "old_epsilon": old["epsilon"], "old_delta": old["delta"],
@@ -49,27 +50,27 @@ def audit_record(command: dict[str, Any], result: dict[str, Any],
         if result.get("operator"):
             payload["operator"] = result["operator"]
         return "budget_changed", payload
-    if op == "revoke":
+    if op == commands.REVOKE:
         return "client_revoked", {"site": command["site"]}
-    if op == "genesis" and len(state["versions"]) == 1 and result.get("version") == command["version"]:
+    if op == commands.GENESIS and len(state["versions"]) == 1 and result.get("version") == command["version"]:
         return "model_genesis", {"version": command["version"], "size": command["size"]}
-    if op == "claim" and result.get("new"):
+    if op == commands.CLAIM and result.get("new"):
         return "leader_claimed", {"term": command["term"], "node": command["node"]}
-    if op == "train":
+    if op == commands.TRAIN:
         return "training_requested", {"rounds": command["rounds"],
                                       "target_round": result["target_round"],
                                       "config_digest": config_digest(state["training"]["config"])}
-    if op == "round_open":
+    if op == commands.ROUND_OPEN:
         r = state["round"]
         return "round_opened", {"round": r["round"], "attempt": r["attempt"], "term": r["term"],
                                 "base": r["base"], "participants": r["participants"],
                                 "config_digest": config_digest(r["config"])}
-    if op == "round_abort":
+    if op == commands.ROUND_ABORT:
         a = state["history"][command["round"]]["aborted"][-1]
         return "round_aborted", {"round": command["round"], "attempt": command["attempt"],
                                  "term": command["term"], "reason": a["reason"],
                                  "charges": a["charges"]}
-    if op == "round_commit":
+    if op == commands.ROUND_COMMIT:
         c = state["history"][command["round"]]["committed"]
         return "round_committed", {
             "round": command["round"], "attempt": c["attempt"], "term": c["term"],
@@ -77,12 +78,12 @@ def audit_record(command: dict[str, Any], result: dict[str, Any],
             "participants": c["participants"], "survivors": c["survivors"],
             "metrics": c["metrics"], "charges": c.get("charges", {}),
         }
-    if op == "late_charge":
+    if op == commands.LATE_CHARGE:
         return "charge_recorded", {"round": result["round"], "attempt": result["attempt"],
                                    "term": result["term"], "site": result["site"],
                                    "charges": {result["site"]: result["charge"]},
                                    "overspent": result["overspent"]}
-    if op == "membership":
+    if op == commands.MEMBERSHIP:
         payload = {"change": result["change"], "node": result["node"],
                    "node_id": result["node_id"], "members": result["members"]}
         if result.get("operator"):

@@ -31,7 +31,8 @@ from pysyncobj import SyncObj, SyncObjConf, SyncObjConsumer, replicated
 from pysyncobj.config import FAIL_REASON
 from pysyncobj.syncobj import SyncObjException
 
-from coordinator import state as sm
+from coordinator import durable, wire
+from coordinator.core import state as sm
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,8 @@ class CommandFailed(Exception):
     """The cluster could not apply a command in time (no leader, no quorum)."""
 
 
-class MembershipError(Exception):
+class MembershipError(wire.CodedError):
     """A membership change or leadership transfer that did not happen; `code` says why."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 _FAIL_NAMES = {v: k.lower() for k, v in vars(FAIL_REASON).items() if k.isupper()}
@@ -466,10 +462,6 @@ def make_journal_durable(sync: SyncObj) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        durable.fsync_dir(os.path.dirname(path) or ".")
 
     meta.storeMeta = durable_store

@@ -10,7 +10,8 @@ is inside before sending it. It never holds the CA key or the site's identity pr
 key: the identity key is made at the site and only its public half travels.
 
 The bundle does hold the site's TLS private key, so it is written 0600 and refuses to
-overwrite; `fedraft-client import` (client/bundle.py) reads it on the site.
+overwrite; `fedraft-client import` (client/enroll.py) reads it on the site; the format's name,
+version and fields are part of the wire schema (`coordinator.wire`), which both sides share.
 """
 
 from __future__ import annotations
@@ -27,11 +28,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from coordinator import pki
-from coordinator.state import HEX64, SITE_ID
+from coordinator.cluster import pki
+from coordinator.wire import BUNDLE_FORMAT, BUNDLE_VERSION, HEX64, SITE_ID
 
-FORMAT = "fedraft-site-bundle"
-VERSION = 1
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})
 
 
@@ -77,7 +76,7 @@ def fleet_from_status(status: dict[str, Any]) -> list[str]:
 def check_public_key(public_key: str) -> str:
     """Lowercase hex of a 32-byte Ed25519 public key, or BundleError."""
     key = public_key.strip().lower()
-    if not HEX64.match(key):
+    if not HEX64.fullmatch(key):
         raise BundleError("public key must be 64 hex characters (fedraft-client keygen prints it)")
     try:
         Ed25519PublicKey.from_public_bytes(bytes.fromhex(key))
@@ -97,7 +96,7 @@ def build_bundle(ca_dir: Path, site: str, public_key: str, nodes: list[str], eps
                  delta: float, days: int = 365) -> dict[str, Any]:
     """Issue the site's TLS certificate and assemble the bundle (nothing written but a
     private temporary directory that is removed)."""
-    if not SITE_ID.match(site):
+    if not SITE_ID.fullmatch(site):
         raise BundleError(f"bad site id {site!r}")
     key = check_public_key(public_key)
     nodes = parse_endpoints(nodes)
@@ -107,7 +106,7 @@ def build_bundle(ca_dir: Path, site: str, public_key: str, nodes: list[str], eps
         cert_pem, key_pem = ident.cert.read_bytes(), ident.key.read_bytes()
     ca_pem = (ca_dir / "ca.pem").read_bytes()
     return {
-        "format": FORMAT, "version": VERSION, "site": site, "public_key": key,
+        "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "site": site, "public_key": key,
         "nodes": nodes, "ca_pem": ca_pem.decode(), "cert_pem": cert_pem.decode(),
         "key_pem": key_pem.decode(), "budget": {"epsilon": float(epsilon), "delta": float(delta)},
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -120,6 +119,8 @@ def write_bundle(path: Path, bundle: dict[str, Any]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def check_bundle_target(path: Path) -> None:

@@ -14,8 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator.mask_pool import default_workers
-from coordinator.ratelimit import DEFAULT_ADMIN, DEFAULT_FLEET, Limit
+from coordinator.cluster.throttle import DEFAULT_ADMIN, DEFAULT_FLEET, Limit
+
+MAX_DEFAULT_UNMASK_WORKERS = 3
+
+
+def default_unmask_workers() -> int:
+    """The leader's unmask helper processes by default: one per spare core, at most 3."""
+    return max(0, min(MAX_DEFAULT_UNMASK_WORKERS, (os.cpu_count() or 1) - 1))
 
 
 class ConfigError(ValueError):
@@ -44,7 +50,7 @@ class NodeConfig:
     audit_key: Path | None = None
     audit_db: str = ""
     fleet_workers: int = 64
-    unmask_workers: int = field(default_factory=default_workers)  # helper processes
+    unmask_workers: int = field(default_factory=default_unmask_workers)  # helper processes
     metrics_bind: str = ""  # host:port serving Prometheus /metrics; "" is off
     log_json: bool = False
     join: bool = False  # joining a running cluster: start no election until a leader calls
@@ -232,7 +238,7 @@ def load_node_config(path: Path) -> NodeConfig:
         fleet_limit=_limit(r, "fleet", DEFAULT_FLEET),
         admin_limit=_limit(r, "admin", DEFAULT_ADMIN),
         fleet_workers=r.number("limits", "fleet_workers", int, 64, 1),
-        unmask_workers=r.number("limits", "unmask_workers", int, default_workers(), 0),
+        unmask_workers=r.number("limits", "unmask_workers", int, default_unmask_workers(), 0),
     )
 
 

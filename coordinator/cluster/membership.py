@@ -17,44 +17,37 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
-from coordinator import rpc, wire
-from coordinator.config import ConfigError, NodeAddress, host_port
-from coordinator.replica import CommandFailed, MembershipError
-
-if TYPE_CHECKING:
-    from coordinator.node import Node
+from coordinator import wire
+from coordinator.cluster import pki, rpc
+from coordinator.cluster.config import ConfigError, NodeAddress, NodeConfig, host_port
+from coordinator.cluster.replica import CommandFailed, MembershipError, Replica
+from coordinator.core import commands
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT_S = 20.0
-MAX_TIMEOUT_S = 300.0
 PROBE_TIMEOUT_S = 5.0
 
 
-def _timeout(msg: dict[str, Any]) -> float:
-    value = msg.get("timeout_s", DEFAULT_TIMEOUT_S)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (
-            0 < value <= MAX_TIMEOUT_S):
-        raise wire.WireError("malformed", f"timeout_s must be in (0, {MAX_TIMEOUT_S:g}]")
-    return float(value)
+@dataclass(frozen=True)
+class Change:
+    """Who asked for a membership change, and the request id that makes its record apply once."""
 
-
-def _address(value: Any, what: str) -> str:
-    try:
-        return host_port(value, what)
-    except ConfigError as exc:
-        raise wire.WireError("malformed", str(exc)) from None
+    operator: str
+    request_id: str | None = None
 
 
 class Membership:
-    """The node's view of the membership and the admin handlers that change it."""
+    """The node's view of the membership, and the changes to it (one at a time)."""
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(self, replica: Replica, config: NodeConfig, identity: pki.Identity) -> None:
+        self.replica = replica
+        self.config = config
+        self.identity = identity
         self._lock = threading.Lock()  # one change at a time (pysyncobj does not enforce it)
         self._current = ""
 
@@ -62,17 +55,22 @@ class Membership:
 
     def book(self) -> dict[str, NodeAddress]:
         """Raft address -> endpoints: the static config, overlaid by the replicated record."""
-        book = {n.raft: n for n in self.node.config.all_nodes}
-        for m in self.node.replica.state.read(lambda s: s.get("members")) or []:
+        book = {n.raft: n for n in self.config.all_nodes}
+        for m in self.replica.state.read(lambda s: s.get("members")) or []:
             book[m["raft"]] = NodeAddress(m["id"], m["raft"], m["fleet"], m["admin"])
         return book
 
     def address(self, raft: str) -> NodeAddress | None:
         return self.book().get(raft)
 
+    def leader_address(self) -> NodeAddress | None:
+        """Where the current leader is, as far as this node knows."""
+        leader = self.replica.leader()
+        return self.address(leader) if leader else None
+
     def live(self) -> list[str]:
         """Raft addresses of the current members, this node included."""
-        return self.node.replica.members()
+        return self.replica.members()
 
     def cluster_size(self) -> int:
         """The member count quorums are taken over (blob holders, like Raft's own)."""
@@ -81,7 +79,7 @@ class Membership:
     def peers(self) -> list[NodeAddress]:
         """The other members whose endpoints are known: blob push and fetch go to these."""
         book = self.book()
-        me = self.node.config.self_addr.raft
+        me = self.config.self_addr.raft
         return [book[r] for r in self.live() if r != me and r in book]
 
     def nodes(self) -> list[dict[str, Any]]:
@@ -102,37 +100,24 @@ class Membership:
         book = self.book()
         return next((r for r in live if r in book and book[r].id == name), None)
 
-    # ------------------------------------------------------------ admin handlers
-
-    def admin_add_node(self, msg: dict[str, Any], caller: rpc.Caller) -> dict[str, Any]:
-        """Add a running node, started with every member and itself as its peers."""
-        raft = _address(msg.get("node"), "node")
-        admin = None if msg.get("admin") is None else _address(msg.get("admin"), "admin")
-        timeout = _timeout(msg)
-        return self._guarded(f"add {raft}", lambda: self._add(raft, admin, timeout, msg, caller))
-
-    def admin_remove_node(self, msg: dict[str, Any], caller: rpc.Caller) -> dict[str, Any]:
-        """Remove a member other than the leader (the CLI transfers leadership first)."""
-        name = msg.get("node")
-        if not isinstance(name, str) or not name:
-            raise wire.WireError("malformed", "node must be a member's host:port or id")
-        timeout = _timeout(msg)
-        return self._guarded(f"remove {name}", lambda: self._remove(name, timeout, msg, caller))
-
-    def admin_transfer_leader(self, msg: dict[str, Any], caller: rpc.Caller) -> dict[str, Any]:
-        """Hand leadership to the named member, or to the most caught-up one."""
-        name = msg.get("node")
-        if name is not None and (not isinstance(name, str) or not name):
-            raise wire.WireError("malformed", "node must be a member's host:port or id")
-        timeout = _timeout(msg)
-        return self._guarded(f"transfer to {name or 'any member'}",
-                             lambda: self._transfer(name, timeout, msg, caller))
-
     # ------------------------------------------------------------ the changes
 
+    def add(self, raft: str, admin: str | None, timeout: float, who: Change) -> dict[str, Any]:
+        """Add a running node, started with every member and itself as its peers."""
+        return self._guarded(f"add {raft}", lambda: self._add(raft, admin, timeout, who))
+
+    def remove(self, name: str, timeout: float, who: Change) -> dict[str, Any]:
+        """Remove a member other than the leader (the CLI transfers leadership first)."""
+        return self._guarded(f"remove {name}", lambda: self._remove(name, timeout, who))
+
+    def transfer(self, name: str | None, timeout: float, who: Change) -> dict[str, Any]:
+        """Hand leadership to the named member, or to the most caught-up one."""
+        return self._guarded(f"transfer to {name or 'any member'}",
+                             lambda: self._transfer(name, timeout, who))
+
     def _guarded(self, what: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        if not self.node.replica.is_leader():
-            leader = self.node.leader_address()
+        if not self.replica.is_leader():
+            leader = self.leader_address()
             return wire.error("not_leader", "membership changes run on the leader",
                               leader_admin=leader.admin if leader else None)
         if not self._lock.acquire(blocking=False):
@@ -143,13 +128,12 @@ class Membership:
         try:
             return work()
         except MembershipError as exc:
-            return wire.error(exc.code, exc.message)
+            return exc.reply()
         finally:
             self._current = ""
             self._lock.release()
 
-    def _add(self, raft: str, admin: str | None, timeout: float, msg: dict[str, Any],
-             caller: rpc.Caller) -> dict[str, Any]:
+    def _add(self, raft: str, admin: str | None, timeout: float, who: Change) -> dict[str, Any]:
         start = time.monotonic()
         deadline = start + timeout
         live = self.live()
@@ -163,9 +147,9 @@ class Membership:
         new = self._probe(raft, admin, live, min(PROBE_TIMEOUT_S, timeout))
         if isinstance(new, dict):
             return new
-        self.node.replica.change_membership("add", raft, max(0.5, deadline - time.monotonic()))
+        self.replica.change_membership("add", raft, max(0.5, deadline - time.monotonic()))
         log.info("membership: added %s (%s)", new.id, raft)
-        members, recorded = self._record("add", raft, new.id, msg, caller, deadline, {raft: new})
+        members, recorded = self._record("add", raft, new.id, who, deadline, {raft: new})
         caught_up = self._wait_caught_up(raft, deadline)
         return {"ok": True, "change": "add", "node": raft, "node_id": new.id,
                 "members": members, "recorded": recorded, "caught_up": caught_up,
@@ -174,7 +158,7 @@ class Membership:
     def _probe(self, raft: str, admin: str, live: list[str],
                timeout: float) -> NodeAddress | dict[str, Any]:
         """Ask the new node who it is: it must answer, own `raft`, and list every member."""
-        ch = rpc.channel(admin, self.node.identity)
+        ch = rpc.channel(admin, self.identity)
         try:
             reply = ch.call(wire.ADMIN_SERVICE, "Status", {}, timeout=timeout)
         except grpc.RpcError as exc:
@@ -203,32 +187,31 @@ class Membership:
                               "every current member plus itself")
         return new
 
-    def _remove(self, name: str, timeout: float, msg: dict[str, Any],
-                caller: rpc.Caller) -> dict[str, Any]:
+    def _remove(self, name: str, timeout: float, who: Change) -> dict[str, Any]:
         start = time.monotonic()
         deadline = start + timeout
         raft = self.resolve(name)
         if raft is None:
             return wire.error("unknown_node", f"{name} is not a member (members: "
                               f"{', '.join(self.live())}); nothing changed")
-        if raft == self.node.config.self_addr.raft:
-            return wire.error("is_leader", f"{self.node.id} ({raft}) is the leader and cannot "
+        if raft == self.config.self_addr.raft:
+            return wire.error("is_leader", f"{self.config.self_addr.id} ({raft}) is the leader and cannot "
                               "remove itself: transfer leadership first (fedraft cluster "
                               "transfer-leader); remove-node does that unless --no-transfer")
         known = self.address(raft)
         node_id = known.id if known else raft
-        self.node.replica.change_membership("remove", raft, max(0.5, deadline - time.monotonic()))
+        self.replica.change_membership("remove", raft, max(0.5, deadline - time.monotonic()))
         log.info("membership: removed %s (%s)", node_id, raft)
-        members, recorded = self._record("remove", raft, node_id, msg, caller, deadline)
+        members, recorded = self._record("remove", raft, node_id, who, deadline)
         return {"ok": True, "change": "remove", "node": raft, "node_id": node_id,
                 "members": members, "recorded": recorded,
                 "seconds": round(time.monotonic() - start, 3)}
 
-    def _transfer(self, name: str | None, timeout: float, msg: dict[str, Any],
-                  caller: rpc.Caller) -> dict[str, Any]:
+    def _transfer(self, name: str | None, timeout: float, who: Change) -> dict[str, Any]:
         start = time.monotonic()
         deadline = start + timeout
-        me = self.node.config.self_addr.raft
+        me = self.config.self_addr.raft
+        my_id = self.config.self_addr.id
         target = None
         if name is not None:
             target = self.resolve(name)
@@ -236,27 +219,26 @@ class Membership:
                 return wire.error("unknown_node", f"{name} is not a member (members: "
                                   f"{', '.join(self.live())}); nothing changed")
         if target == me:
-            return {"ok": True, "change": "transfer", "changed": False, "leader": self.node.id,
-                    "leader_raft": me, "leader_admin": self.node.config.self_addr.admin,
-                    "previous": self.node.id, "seconds": 0.0}
+            return {"ok": True, "change": "transfer", "changed": False, "leader": my_id,
+                    "leader_raft": me, "leader_admin": self.config.self_addr.admin,
+                    "previous": my_id, "seconds": 0.0}
         if len(self.live()) < 2:
             return wire.error("no_target", "a one-node cluster has no one to hand leadership to")
-        new = self.node.replica.transfer_leadership(target, timeout)
+        new = self.replica.transfer_leadership(target, timeout)
         known = self.address(new)
         new_id = known.id if known else new
         log.info("membership: leadership handed to %s (%s)", new_id, new)
-        members, recorded = self._record("transfer", new, new_id, msg, caller, deadline)
+        members, recorded = self._record("transfer", new, new_id, who, deadline)
         if target is not None and new != target:
             return wire.error("other_leader", f"leadership moved to {new_id}, not to {name} "
                               "(another node won the election)", leader=new_id,
                               leader_admin=known.admin if known else None)
         return {"ok": True, "change": "transfer", "changed": True, "leader": new_id,
                 "leader_raft": new, "leader_admin": known.admin if known else None,
-                "previous": self.node.id, "members": members, "recorded": recorded,
+                "previous": my_id, "members": members, "recorded": recorded,
                 "seconds": round(time.monotonic() - start, 3)}
 
-    def _record(self, change: str, raft: str, node_id: str, msg: dict[str, Any],
-                caller: rpc.Caller, deadline: float,
+    def _record(self, change: str, raft: str, node_id: str, who: Change, deadline: float,
                 extra: dict[str, NodeAddress] | None = None) -> tuple[list[str], bool]:
         """Commit the `membership` record of a change pysyncobj has made; returns the
         members and whether the record committed (the change stands either way)."""
@@ -266,15 +248,12 @@ class Membership:
         if unknown:
             log.warning("membership record leaves out members with unknown endpoints: %s",
                         unknown)
-        request = msg.get("request_id")
-        command = {
-            "op": "membership", "change": change, "node": raft, "node_id": node_id,
-            "members": [dataclasses.asdict(book[r]) for r in live if r in book],
-            "operator": caller.name,
-            "request_id": f"membership-{request if isinstance(request, str) else uuid.uuid4().hex}"[:128],
-        }
+        request = who.request_id or uuid.uuid4().hex
+        command = commands.membership(
+            change, raft, node_id, [dataclasses.asdict(book[r]) for r in live if r in book],
+            who.operator, f"membership-{request}"[:128])
         try:
-            r = self.node.replica.submit(command, timeout=max(2.0, deadline - time.monotonic()))
+            r = self.replica.submit(command, timeout=max(2.0, deadline - time.monotonic()))
         except CommandFailed as exc:
             log.warning("membership %s %s made but not recorded: %s", change, raft, exc)
             return live, False
@@ -284,9 +263,9 @@ class Membership:
 
     def _wait_caught_up(self, raft: str, deadline: float) -> bool:
         """Wait until the new node holds everything committed so far (or the deadline)."""
-        target = self.node.replica.status()["commit_index"]
-        while time.monotonic() < deadline and self.node.replica.is_leader():
-            got = self.node.replica.match_index(raft)
+        target = self.replica.status()["commit_index"]
+        while time.monotonic() < deadline and self.replica.is_leader():
+            got = self.replica.match_index(raft)
             if got is not None and got >= target:
                 return True
             time.sleep(0.05)

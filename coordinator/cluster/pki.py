@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -18,6 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from coordinator import durable
 
 ROLES = ("node", "client", "operator", "auditor")
 
@@ -32,13 +33,6 @@ class Identity:
 
     def read(self) -> tuple[bytes, bytes, bytes]:
         return self.ca.read_bytes(), self.cert.read_bytes(), self.key.read_bytes()
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -73,8 +67,8 @@ def init_ca(directory: Path, name: str = "fedraft federation CA", days: int = 36
         )
         .sign(key, hashes.SHA256())
     )
-    _write_private(key_path, _key_pem(key))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    durable.write_atomic(key_path, _key_pem(key), mode=0o600)
+    durable.write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
     return cert_path
 
 
@@ -122,8 +116,8 @@ def issue(
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = out_dir / f"{name}.pem", out_dir / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(key_path, _key_pem(key))
+    durable.write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    durable.write_atomic(key_path, _key_pem(key), mode=0o600)
     return Identity(ca=ca_dir / "ca.pem", cert=cert_path, key=key_path)
 
 

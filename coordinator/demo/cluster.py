@@ -21,10 +21,12 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from coordinator import lifeline, pki, wire
-from coordinator.admin_client import AdminClient, OperatorConfig, Refused, Unreachable
+from coordinator import lifeline, wire
 from coordinator.audit import AuditSigner
-from coordinator.config import NodeAddress, render_node_config
+from coordinator.cluster import pki
+from coordinator.cluster.config import NodeAddress, render_node_config
+from coordinator.ops.admin_client import AdminClient, OperatorConfig, Refused, Unreachable
+from coordinator.round.faults import FAULT_HOLD_ENV
 
 
 def free_ports(n: int) -> list[int]:
@@ -83,6 +85,9 @@ class LocalCluster:
     # the command in place so the pid we signal is the node's or agent's own
     prefix: dict[str, list[str]] = field(default_factory=dict)
     json_logs: bool = False  # nodes log one JSON object per line (`--json-logs`)
+    # tests only: nodes read `stage:seconds` from this file and the leader lingers at that
+    # stage (coordinator.round.faults); set before the nodes start, changed with `hold`
+    fault_hold: bool = False
     nodes: list[NodeAddress] = field(default_factory=list)
     metrics_addrs: dict[str, str] = field(default_factory=dict)  # node id -> /metrics host:port
     node_procs: dict[str, Proc] = field(default_factory=dict)
@@ -98,6 +103,10 @@ class LocalCluster:
                     "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
         # the cluster's sites share one noise-multiplier cache, kept with the cluster
         self.env.setdefault("FEDRAFT_CACHE_DIR", str(self.root / "cache"))
+        self.hold_file = self.root / "fault-hold"
+        if self.fault_hold:
+            self.hold_file.write_text("")
+            self.env[FAULT_HOLD_ENV] = str(self.hold_file)
         if not (self.ca_dir / "ca.pem").exists():
             pki.init_ca(self.ca_dir)
         self.operator = pki.issue(self.ca_dir, self.root / "operator", "operator", "operator")
@@ -194,6 +203,28 @@ class LocalCluster:
             time.sleep(0.1)
         raise TimeoutError("no leader elected")
 
+    def hold(self, stage: str | None, seconds: float = 0.0) -> None:
+        """Make whichever node leads linger `seconds` at `stage` (None: release), so a test
+        can kill the leader there. Needs `fault_hold=True`."""
+        if not self.fault_hold:
+            raise RuntimeError("this cluster was made without fault_hold=True")
+        self.hold_file.write_text(f"{stage}:{seconds}" if stage else "")
+
+    def wait_stage(self, stage: str, timeout: float = 60.0) -> tuple[str, dict[str, Any]]:
+        """Wait until the leader's open round is at `stage`; returns (leader id, progress)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            leader = self.leader()
+            try:
+                st = self.admin.call("RoundStatus", endpoint=self.admin_of(leader)) if leader else None
+            except (Unreachable, Refused):
+                st = None
+            progress = (st or {}).get("progress")
+            if leader and progress and progress.get("stage") == stage:
+                return leader, progress
+            time.sleep(0.05)
+        raise TimeoutError(f"the leader never reached stage {stage}")
+
     def round_status(self) -> dict[str, Any]:
         ep = None
         leader = self.leader()
@@ -287,7 +318,8 @@ seed = {seed}
         subprocess.run([sys.executable, "-m", "client", "init-model", *source, "--seed",
                         str(seed), "-o", str(path)], check=True, env=self.env,
                        stdout=subprocess.DEVNULL)
-        return self.admin.call("InitModel", {"data": path.read_bytes()})["version"]
+        self.genesis_version: str = self.admin.call("InitModel", {"data": path.read_bytes()})["version"]
+        return self.genesis_version
 
     def export_versions(self, hashes: list[str], out_dir: Path) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -314,12 +346,13 @@ seed = {seed}
         return self.root / node_id / "data" / "blobs"
 
     def stop(self) -> None:
-        """SIGTERM every process at once, then reap them (SIGKILL after 5 s): the slowest
-        one sets the time, not the sum."""
+        """SIGTERM every process at once (and SIGCONT, should a test have stopped one), then
+        reap them (SIGKILL after 5 s): the slowest one sets the time, not the sum."""
         procs = [p for p in list(self.site_procs.values()) + list(self.node_procs.values())
                  if p.alive]
         for p in procs:
             p.signal(signal.SIGTERM)
+            p.signal(signal.SIGCONT)
         deadline = time.monotonic() + 5.0
         for p in procs:
             try:

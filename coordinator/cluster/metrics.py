@@ -35,10 +35,10 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from coordinator.core import commands
+
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
-
-    from coordinator.node import Node
 
 log = logging.getLogger(__name__)
 
@@ -70,29 +70,14 @@ def parse_bind(bind: str) -> tuple[str, int]:
 
 @dataclass(frozen=True)
 class NodeView:
-    """Where the scrape-time levels come from; callables so tests can fake a node."""
+    """Where the scrape-time levels come from: Raft status, the replicated ledger's levels
+    (`last_round`, `sites` -> spent, epsilon, revoked) and the count of sites online
+    (callables, read at scrape time; the node passes its services', tests fake them)."""
 
     node_id: str
     raft: Callable[[], dict[str, Any]]
     ledger: Callable[[], dict[str, Any]]
     online: Callable[[], int]
-
-
-def node_view(node: Node) -> NodeView:
-    """The levels of a running node: Raft status, replicated ledger, sites online."""
-
-    def ledger() -> dict[str, Any]:
-        return node.replica.state.read(lambda s: {
-            "last_round": len(s["versions"]) - 1,
-            "sites": {k: {"spent": v["spent"], "epsilon": v["budget"]["epsilon"],
-                          "revoked": v["revoked"]} for k, v in s["sites"].items()},
-        })
-
-    def online() -> int:
-        # only the leader sees polls (followers redirect), so only its count is real
-        return len(node.online.online()) if node.replica.is_leader() else 0
-
-    return NodeView(node.id, node.replica.status, ledger, online)
 
 
 class NodeCollector(Collector):
@@ -209,11 +194,11 @@ class NodeMetrics:
         if not result.get("ok") or result.get("replayed"):
             return
         op = command.get("op")
-        if op == "round_commit":
+        if op == commands.ROUND_COMMIT:
             self.rounds_committed.inc()
-        elif op == "round_abort":
+        elif op == commands.ROUND_ABORT:
             self.rounds_aborted.labels(abort_class(str(command.get("reason", "")))).inc()
-        elif op == "claim" and result.get("new") and len(state.get("leader_history", ())) > 1:
+        elif op == commands.CLAIM and result.get("new") and len(state.get("leader_history", ())) > 1:
             self.leader_changes.inc()
 
     def observe_stage(self, stage: str, seconds: float) -> None:

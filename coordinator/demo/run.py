@@ -24,8 +24,8 @@ from rich.console import Console
 from rich.table import Table
 
 from coordinator import wire
-from coordinator.admin_client import Refused, Unreachable
-from coordinator.localcluster import LocalCluster
+from coordinator.demo.cluster import LocalCluster
+from coordinator.ops.admin_client import Refused, Unreachable
 
 TASK = "breast_cancer"
 ROUND_CONFIG = {"fraction": 1.0, "min_clients": 3, "lr": 0.1, "local_epochs": 2,
@@ -95,81 +95,16 @@ def run_demo(rounds: int = 10, sites: int = 5, workdir: Path = Path("demo-run"),
     result: dict[str, Any] = {}
     try:
         say(f"starting 3 nodes in {workdir}")
-        cluster.start_nodes()
-        first_leader = cluster.wait_leader(timeout=30)
-        say(f"leader {first_leader}")
-        names = [f"site-{i + 1}" for i in range(sites)]
-        for name in names:
-            cluster.add_site(name, budget=(DP_BUDGET["epsilon"], DP_BUDGET["delta"]))
-        # sites start (imports, DP planning) while the genesis model is built
-        for i, name in enumerate(names):
-            cluster.start_site(name, cluster.write_site_config(name, TASK, i, sites, "dirichlet",
-                                                               0.5, seed=0, privacy=DP_BUDGET))
-        genesis = cluster.init_model(TASK)
-        say(f"enrolled and started {sites} sites; genesis model {genesis[:12]}")
-        cluster.admin.call("Train", {"rounds": rounds, "config": ROUND_CONFIG})
-        say(f"training {rounds} rounds of {TASK}, non-IID (Dirichlet 0.5)")
-        failover = None
-        if kill_leader:
-            failover = _kill_leader_mid_round(cluster, max(1, rounds // 2 - 1), say)
-            time.sleep(1.0)
-            cluster.start_node(failover["victim"])
-            say(f"restarted {failover['victim']} from its data directory")
+        _start_federation(cluster, rounds, sites, say)
+        failover = _kill_and_restart_leader(cluster, rounds, say) if kill_leader else None
         st = cluster.wait_round(rounds, timeout=300 - (time.monotonic() - t_start))
-        hashes = [v["hash"] for v in st["versions"][1:]]
-        accuracy = _evaluate(cluster, [st["versions"][0]["hash"], *hashes])
-        table = Table(title="fedraft demo: breast cancer, 5 sites, non-IID")
-        for col in ("round", "leader", "attempt", "participants", "accuracy", "seconds", "version"):
-            table.add_column(col)
-        rows = []
-        for r in range(1, st["last_round"] + 1):
-            h = st["history"][str(r)]["committed"]
-            row = {"round": r, "leader": h.get("leader"), "attempt": h["attempt"],
-                   "participants": len(h["survivors"]), "accuracy": round(accuracy[r], 4),
-                   "seconds": h["metrics"].get("seconds"), "version": h["version"],
-                   "upload_values": h["metrics"].get("upload_values", 0.0)}
-            rows.append(row)
-            table.add_row(str(r), str(row["leader"]), str(row["attempt"]),
-                          f"{len(h['survivors'])}/{len(h['participants'])}",
-                          f"{accuracy[r]:.3f}", f"{row['seconds']:.2f}", h["version"][:12])
-        console.print(table)
-        # every node, the restarted one included, must hold the same chain
-        agree = _nodes_agree(cluster, st["last_round"], [st["versions"][0]["hash"], *hashes])
-        result = {
-            "nodes": len(cluster.nodes), "clients": sites, "rounds_completed": st["last_round"],
-            "final_accuracy": round(accuracy[-1], 4), "genesis_accuracy": round(accuracy[0], 4),
-            "leader_changes": max(0, len(st["leader_history"]) - 1),
-            "model_versions": hashes, "genesis_version": st["versions"][0]["hash"],
-            "versions_unique": len(set(hashes)) == len(hashes),
-            "nodes_agree": agree, "failover": failover, "rounds": rows,
-            "aborted_attempts": sum(len(h["aborted"]) for h in st["history"].values()),
-            "secure_aggregation": ROUND_CONFIG["secure_aggregation"],
-            "compression": ROUND_CONFIG["compression"],
-            # the masked vector each site uploads per round: K values + 1 weight word
-            "upload_bytes_per_client": 4 * sum(
-                r["upload_values"] for r in rows) / max(1, len(rows)),
-            "dense_bytes_per_client": 4 * _model_values(cluster, st["versions"][0]["hash"]),
-            "workdir": str(workdir),
-        }
-        ledger = cluster.admin.call("Sites")["sites"]
-        result["epsilon_spent"] = {x["site"]: round(x["spent"], 4) for x in ledger}
-        result["epsilon_budget"] = DP_BUDGET["epsilon"]
+        accuracy, rows = _evaluate_and_tabulate(cluster, st, console)
+        result = _assemble_result(cluster, st, sites, accuracy, rows, failover, workdir)
         say("privacy spent (epsilon, PRV accountant, delta 1e-5): " + ", ".join(
             f"{k} {v:.2f}" for k, v in result["epsilon_spent"].items()))
-        # Node 1's log is verified in full, privacy charges recomputed over each site's
-        # history; the others' chains, signatures and blobs are verified and their heads
-        # must equal node 1's, so they hold the same charges.
-        audits = [_verify_audit(cluster, n.id, charges=(i == 0))
-                  for i, n in enumerate(cluster.nodes)]
-        result["audit_verified"] = all(a["ok"] for a in audits) and len(
-            {a["head"] for a in audits}) == 1
-        result["audit_entries"] = audits[0]["entries"]
-        result["audit_charges_checked"] = audits[0]["report"].get("counts", {}).get("charges", 0)
-        result["audit_db"] = str(cluster.root / cluster.nodes[0].id / "data" / "audit.db")
-        say(f"audit logs verified on all nodes: {result['audit_verified']} "
-            f"({audits[0]['entries']} entries each)")
+        result |= _verify_audits(cluster, say)
         say(f"final accuracy {result['final_accuracy']:.3f}, leader changes "
-            f"{result['leader_changes']}, all nodes agree: {agree}")
+            f"{result['leader_changes']}, all nodes agree: {result['nodes_agree']}")
     except Exception as exc:
         result = {"error": f"{exc.__class__.__name__}: {exc}", "workdir": str(workdir)}
         say(f"[red]demo failed:[/] {result['error']}")
@@ -177,6 +112,106 @@ def run_demo(rounds: int = 10, sites: int = 5, workdir: Path = Path("demo-run"),
         cluster.stop()
         result["seconds"] = round(time.monotonic() - t_start, 2)
     return result
+
+
+def _start_federation(cluster: LocalCluster, rounds: int, sites: int, say: Any) -> None:
+    """Start the nodes, enroll and start the sites, upload the genesis model and ask for
+    `rounds` rounds."""
+    cluster.start_nodes()
+    first_leader = cluster.wait_leader(timeout=30)
+    say(f"leader {first_leader}")
+    names = [f"site-{i + 1}" for i in range(sites)]
+    for name in names:
+        cluster.add_site(name, budget=(DP_BUDGET["epsilon"], DP_BUDGET["delta"]))
+    # sites start (imports, DP planning) while the genesis model is built
+    for i, name in enumerate(names):
+        cluster.start_site(name, cluster.write_site_config(name, TASK, i, sites, "dirichlet",
+                                                           0.5, seed=0, privacy=DP_BUDGET))
+    genesis = cluster.init_model(TASK)
+    say(f"enrolled and started {sites} sites; genesis model {genesis[:12]}")
+    cluster.admin.call("Train", {"rounds": rounds, "config": ROUND_CONFIG})
+    say(f"training {rounds} rounds of {TASK}, non-IID (Dirichlet 0.5)")
+
+
+def _kill_and_restart_leader(cluster: LocalCluster, rounds: int, say: Any) -> dict[str, Any]:
+    """SIGKILL the leader halfway through, then restart it from its data directory."""
+    failover = _kill_leader_mid_round(cluster, max(1, rounds // 2 - 1), say)
+    time.sleep(1.0)
+    cluster.start_node(failover["victim"])
+    say(f"restarted {failover['victim']} from its data directory")
+    return failover
+
+
+def _evaluate_and_tabulate(cluster: LocalCluster, st: dict[str, Any],
+                           console: Console) -> tuple[list[float], list[dict[str, Any]]]:
+    """Held-out accuracy of every version (genesis first), one row per committed round,
+    printed as a table."""
+    hashes = [v["hash"] for v in st["versions"][1:]]
+    accuracy = _evaluate(cluster, [st["versions"][0]["hash"], *hashes])
+    table = Table(title="fedraft demo: breast cancer, 5 sites, non-IID")
+    for col in ("round", "leader", "attempt", "participants", "accuracy", "seconds", "version"):
+        table.add_column(col)
+    rows = []
+    for r in range(1, st["last_round"] + 1):
+        h = st["history"][str(r)]["committed"]
+        row = {"round": r, "leader": h.get("leader"), "attempt": h["attempt"],
+               "participants": len(h["survivors"]), "accuracy": round(accuracy[r], 4),
+               "seconds": h["metrics"].get("seconds"), "version": h["version"],
+               "upload_values": h["metrics"].get("upload_values", 0.0)}
+        rows.append(row)
+        table.add_row(str(r), str(row["leader"]), str(row["attempt"]),
+                      f"{len(h['survivors'])}/{len(h['participants'])}",
+                      f"{accuracy[r]:.3f}", f"{row['seconds']:.2f}", h["version"][:12])
+    console.print(table)
+    return accuracy, rows
+
+
+def _assemble_result(cluster: LocalCluster, st: dict[str, Any], sites: int,
+                     accuracy: list[float], rows: list[dict[str, Any]],
+                     failover: dict[str, Any] | None, workdir: Path) -> dict[str, Any]:
+    """The demo's result: rounds, accuracy, failover, compression and privacy spent."""
+    genesis = st["versions"][0]["hash"]
+    hashes = [v["hash"] for v in st["versions"][1:]]
+    # every node, the restarted one included, must hold the same chain
+    agree = _nodes_agree(cluster, st["last_round"], [genesis, *hashes])
+    result = {
+        "nodes": len(cluster.nodes), "clients": sites, "rounds_completed": st["last_round"],
+        "final_accuracy": round(accuracy[-1], 4), "genesis_accuracy": round(accuracy[0], 4),
+        "leader_changes": max(0, len(st["leader_history"]) - 1),
+        "model_versions": hashes, "genesis_version": genesis,
+        "versions_unique": len(set(hashes)) == len(hashes),
+        "nodes_agree": agree, "failover": failover, "rounds": rows,
+        "aborted_attempts": sum(len(h["aborted"]) for h in st["history"].values()),
+        "secure_aggregation": ROUND_CONFIG["secure_aggregation"],
+        "compression": ROUND_CONFIG["compression"],
+        # the masked vector each site uploads per round: K values + 1 weight word
+        "upload_bytes_per_client": 4 * sum(
+            r["upload_values"] for r in rows) / max(1, len(rows)),
+        "dense_bytes_per_client": 4 * _model_values(cluster, genesis),
+        "workdir": str(workdir),
+    }
+    ledger = cluster.admin.call("Sites")["sites"]
+    result["epsilon_spent"] = {x["site"]: round(x["spent"], 4) for x in ledger}
+    result["epsilon_budget"] = DP_BUDGET["epsilon"]
+    return result
+
+
+def _verify_audits(cluster: LocalCluster, say: Any) -> dict[str, Any]:
+    """Verify every node's audit log; the result's audit_* keys."""
+    # Node 1's log is verified in full, privacy charges recomputed over each site's
+    # history; the others' chains, signatures and blobs are verified and their heads
+    # must equal node 1's, so they hold the same charges.
+    audits = [_verify_audit(cluster, n.id, charges=(i == 0))
+              for i, n in enumerate(cluster.nodes)]
+    out = {
+        "audit_verified": all(a["ok"] for a in audits) and len({a["head"] for a in audits}) == 1,
+        "audit_entries": audits[0]["entries"],
+        "audit_charges_checked": audits[0]["report"].get("counts", {}).get("charges", 0),
+        "audit_db": str(cluster.root / cluster.nodes[0].id / "data" / "audit.db"),
+    }
+    say(f"audit logs verified on all nodes: {out['audit_verified']} "
+        f"({audits[0]['entries']} entries each)")
+    return out
 
 
 def _verify_audit(cluster: LocalCluster, node_id: str, charges: bool = True) -> dict[str, Any]:

@@ -2,13 +2,14 @@
 
 We use gRPC (HTTP/2) for its mature mTLS, deadlines, flow control and multiplexing,
 but register generic handlers with msgpack (de)serialisers instead of protobuf code
-generation: the schema lives in one Python module (`coordinator.wire`) that the site
+generation: the schema lives in one Python package (`coordinator.wire`) that the site
 agent can import without generated code.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -18,8 +19,9 @@ from typing import Any
 
 import grpc
 
-from coordinator import limits, pki, wire
-from coordinator.ratelimit import RateLimiter
+from coordinator import wire
+from coordinator.cluster import pki, throttle
+from coordinator.cluster.config import NodeAddress
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,21 @@ def channel(address: str, identity: pki.Identity) -> wire.Channel:
     """A client channel authenticated with one party's TLS material."""
     return wire.Channel(address, *identity.read())
 
+
+class PeerChannels:
+    """This node's channels to its peers' admin endpoints, one per peer, made on first use."""
+
+    def __init__(self, identity: pki.Identity) -> None:
+        self.identity = identity
+        self._channels: dict[str, wire.Channel] = {}
+        self._lock = threading.Lock()
+
+    def get(self, address: NodeAddress) -> wire.Channel:
+        with self._lock:
+            ch = self._channels.get(address.id)
+            if ch is None or ch.address != address.admin:
+                ch = self._channels[address.id] = channel(address.admin, self.identity)
+            return ch
 
 
 @dataclass(frozen=True)
@@ -65,20 +82,20 @@ def _caller(context: grpc.ServicerContext) -> Caller:
 
 def _wrap(handler: Handler, roles: frozenset[str], service: str = "", method: str = "",
           observe: RpcObserver | None = None,
-          limiter: RateLimiter | None = None) -> Callable[[bytes, Any], bytes]:
+          limiter: throttle.RateLimiter | None = None) -> Callable[[bytes, Any], bytes]:
     def reply_to(request: bytes, context: grpc.ServicerContext) -> dict[str, Any]:
         caller = _caller(context)
         if caller.role not in roles:
             return wire.error("forbidden", f"role {caller.role or 'none'!r} may not call this method")
-        refused = limits.admit(limiter, caller.name, service, method, len(request))
+        refused = throttle.admit(limiter, caller.name, service, method, len(request))
         if refused is not None:  # before unpacking: a refused call costs nothing, changes nothing
             return refused
         remaining = context.time_remaining()
         token = _call_deadline.set(None if remaining is None else time.monotonic() + remaining)
         try:
             return handler(wire.unpack(request), caller)
-        except wire.WireError as exc:
-            return wire.error(exc.code, exc.message)
+        except wire.CodedError as exc:
+            return exc.reply()
         except Exception:
             log.exception("handler failed")
             return wire.error("internal", "internal error; see the node's log")
@@ -110,12 +127,12 @@ def make_server(
     services: dict[str, dict[str, tuple[Handler, frozenset[str]]]],
     workers: int = 64,
     observe: RpcObserver | None = None,
-    limiter: RateLimiter | None = None,
+    limiter: throttle.RateLimiter | None = None,
 ) -> grpc.Server:
     """A started-ready (not yet started) mTLS gRPC server hosting `services`; `observe`
-    (metrics) hears of every call, `limiter` throttles each caller (see coordinator.limits)."""
+    (metrics) hears of every call, `limiter` throttles each caller (see coordinator.cluster.throttle)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
-                         options=limits.SERVER_OPTIONS)
+                         options=throttle.SERVER_OPTIONS)
     for service, methods in services.items():
         handlers = {
             name: grpc.unary_unary_rpc_method_handler(

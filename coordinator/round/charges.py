@@ -1,4 +1,4 @@
-"""Privacy charges computed away from the Raft process's GIL.
+"""Privacy charges computed away from the Raft process's GIL (the math: privacy.accounting).
 
 Accounting a site's history with the PRV accountant takes a fraction of a second to
 seconds of numpy work. Done on the leader's own interpreter it would stall Raft's tick
@@ -10,55 +10,16 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
 from coordinator import lifeline
-from privacy.accounting import DPStep
-
-CHARGE_FIELDS = ("noise_multiplier", "sample_rate", "steps", "clip_norm")
+from privacy.accounting import CHARGE_FIELDS, can_afford_another, compute_charge
 
 
-def dp_step(params: Mapping[str, Any]) -> DPStep:
-    """A recorded charge's DP parameters as the accountant's ``DPStep``.
+class ChargePool:
+    """A worker process that computes charges and budget checks for the leader."""
 
-    Shared with the audit verifier (``coordinator.audit.charges``) so that the leader and
-    an auditor feed the accountant exactly the same values.
-    """
-    return DPStep(float(params["noise_multiplier"]), float(params["sample_rate"]),
-                  int(params["steps"]), float(params["clip_norm"]))
-
-
-def charge_increase(total: float, spent: float) -> float:
-    """The recorded ``epsilon`` of a charge: the rise of the site's cumulative epsilon.
-
-    PRV totals do not add up, so the increase is a difference of totals (never negative).
-    """
-    return max(0.0, total - spent)
-
-
-def compute_charge(history: list[dict[str, float]], step: dict[str, float], delta: float,
-                   spent: float) -> dict[str, float]:
-    """The ledger entry for one more run: its increase and the new cumulative epsilon."""
-    from privacy import accounting
-
-    run = dp_step(step)
-    total = accounting.epsilon_spent([*map(dp_step, history), run], delta)
-    return {"noise_multiplier": run.noise_multiplier, "sample_rate": run.sample_rate,
-            "steps": float(run.steps), "clip_norm": run.clip_norm, "delta": delta,
-            "epsilon": charge_increase(total, spent), "epsilon_total": total}
-
-
-def can_afford_another(history: list[dict[str, float]], delta: float, budget: float) -> bool:
-    """Whether one more run like the site's last keeps its cumulative epsilon in budget."""
-    if not history:
-        return True
-    last = history[-1]
-    return compute_charge(history, last, delta, 0.0)["epsilon_total"] <= budget + 1e-9
-
-
-class ChargeCalculator:
     def __init__(self, workers: int = 1) -> None:
         self._pool = ProcessPoolExecutor(max_workers=workers,
                                          mp_context=multiprocessing.get_context("spawn"),

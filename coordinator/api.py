@@ -1,0 +1,293 @@
+"""The node's two gRPC APIs: the fleet API for sites and the admin API for operators,
+auditors and peer nodes.
+
+Each handler authenticates (the caller's role is checked before it runs, by `rpc`; a
+site's request is also signed with its enrolled identity key), checks its message, and
+delegates: writes become commands for the replicated state machine, round traffic goes
+to the round driver, blobs to the blob service, membership changes to membership. No
+handler keeps state of its own.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from coordinator import wire
+from coordinator.cluster.blobs import BlobError, BlobService
+from coordinator.cluster.config import ConfigError, NodeAddress, host_port
+from coordinator.cluster.membership import Change, Membership
+from coordinator.cluster.presence import OnlineSites, TaskBell
+from coordinator.cluster.replica import CommandFailed, Replica
+from coordinator.cluster.rpc import Caller, Handler, time_left
+from coordinator.core import commands
+from coordinator.core.queries import last_round
+from coordinator.round.driver import RoundDriver
+
+ADMIN_READERS = frozenset({"operator", "node", "auditor"})
+OPERATOR_ONLY = frozenset({"operator"})  # people's decisions: no node makes them itself
+NODE_ONLY = frozenset({"node"})
+FLEET_CALLERS = frozenset({"client"})
+
+DEFAULT_CHANGE_TIMEOUT_S = 20.0
+MAX_CHANGE_TIMEOUT_S = 300.0
+GENESIS_PUSH_TIMEOUT_S = 15.0
+
+Reply = dict[str, Any]
+
+
+@dataclass
+class NodeApi:
+    """The handlers of one node, over the services the node wires together."""
+
+    self_addr: NodeAddress
+    replica: Replica
+    blobs: BlobService
+    membership: Membership
+    driver: RoundDriver
+    online: OnlineSites
+    bell: TaskBell
+    stopping: threading.Event
+
+    def services(self) -> dict[str, dict[str, tuple[Handler, frozenset[str]]]]:
+        """Every method of both APIs with the roles that may call it (for `rpc.make_server`)."""
+        return {wire.FLEET_SERVICE: self.fleet_methods(), wire.ADMIN_SERVICE: self.admin_methods()}
+
+    def fleet_methods(self) -> dict[str, tuple[Handler, frozenset[str]]]:
+        return {"Poll": (self.fleet_poll, FLEET_CALLERS),
+                "GetBlob": (self.fleet_get_blob, FLEET_CALLERS),
+                "Submit": (self.fleet_submit, FLEET_CALLERS)}
+
+    def admin_methods(self) -> dict[str, tuple[Handler, frozenset[str]]]:
+        return {
+            "Status": (self.admin_status, ADMIN_READERS),
+            "Sites": (self.admin_sites, ADMIN_READERS),
+            "RoundStatus": (self.admin_round_status, ADMIN_READERS),
+            "GetBlob": (self.admin_get_blob, ADMIN_READERS),
+            "Enroll": (self.admin_enroll, OPERATOR_ONLY),
+            "Revoke": (self.admin_revoke, OPERATOR_ONLY),
+            "SetBudget": (self.admin_set_budget, OPERATOR_ONLY),
+            "InitModel": (self.admin_init_model, OPERATOR_ONLY),
+            "Train": (self.admin_train, OPERATOR_ONLY),
+            "Stop": (self.admin_stop, OPERATOR_ONLY),
+            "PutBlob": (self.admin_put_blob, NODE_ONLY),
+            "AddNode": (self.admin_add_node, OPERATOR_ONLY),
+            "RemoveNode": (self.admin_remove_node, OPERATOR_ONLY),
+            "TransferLeader": (self.admin_transfer_leader, OPERATOR_ONLY),
+        }
+
+    # ------------------------------------------------------------ fleet API (sites)
+
+    def _authenticate(self, msg: dict[str, Any]) -> str:
+        site = msg.get("site")
+        if not isinstance(site, str):
+            raise wire.WireError("malformed", "request names no site")
+        rec = self.replica.state.read(lambda s: s["sites"].get(site))
+        if rec is None:
+            raise wire.WireError("unenrolled", f"site {site!r} is not enrolled in this federation")
+        if rec["revoked"]:
+            raise wire.WireError("revoked", f"site {site!r} has been revoked")
+        wire.verify_signature(msg, rec["public_key"], time.time())
+        return site
+
+    def _redirect(self) -> Reply:
+        leader = self.membership.leader_address()
+        return {"ok": True, "status": "redirect", "leader": leader.fleet if leader else None}
+
+    def fleet_poll(self, msg: dict[str, Any], caller: Caller) -> Reply:
+        """Long poll: this site's task when there is one, else `idle` after `wait` seconds."""
+        site = self._authenticate(msg)
+        wait = msg.get("wait", 0.0)
+        wait = min(float(wait), wire.POLL_WAIT_MAX_S) if isinstance(wait, int | float) else 0.0
+        deadline = time.monotonic() + max(0.0, wait)
+        ledger: list[dict[str, Any]] | None = None
+        while True:
+            if not self.replica.is_leader():
+                return self._redirect()
+            if ledger is None:  # before `touch`: a site online has its late runs queued
+                ledger = self.driver.settle(site, msg.get("unsettled"))
+            self.online.touch(site)
+            task = self.driver.task_for(site)
+            if task is not None:
+                return {"ok": True, "status": "task", "task": task.to_wire(), "ledger": ledger}
+            left = deadline - time.monotonic()
+            if left <= 0 or self.stopping.is_set():
+                return {"ok": True, "status": "idle", "ledger": ledger}
+            self.bell.wait(min(left, 1.0))
+
+    def fleet_get_blob(self, msg: dict[str, Any], caller: Caller) -> Reply:
+        self._authenticate(msg)
+        return self._get_blob(msg)
+
+    def fleet_submit(self, msg: dict[str, Any], caller: Caller) -> Reply:
+        """A site's answer to one stage of the open round (its update or SecAgg+ message)."""
+        site = self._authenticate(msg)
+        if not self.replica.is_leader():
+            return self._redirect() | wire.error("not_leader", "this node is not the leader")
+        ledger = self.driver.settle(site, msg.get("unsettled"))
+        try:
+            reply = self.driver.accept(wire.Submit.from_wire(msg))
+        except wire.WireError as exc:
+            reply = exc.reply()
+        return reply | {"ledger": ledger}
+
+    # ------------------------------------------------------------ admin API: reads
+
+    def _get_blob(self, msg: dict[str, Any]) -> Reply:
+        digest = msg.get("hash")
+        if not isinstance(digest, str):
+            return wire.error("malformed", "hash required")
+        try:
+            return {"ok": True, "data": self.blobs.store.get(digest)}
+        except BlobError as exc:
+            return wire.error("not_found", str(exc))
+
+    def admin_get_blob(self, msg: dict[str, Any], caller: Caller) -> Reply:
+        return self._get_blob(msg)
+
+    def admin_put_blob(self, msg: dict[str, Any], caller: Caller) -> Reply:
+        data = msg.get("data")
+        if not isinstance(data, bytes):
+            return wire.error("malformed", "data must be bytes")
+        return {"ok": True, "hash": self.blobs.store.put(data)}
+
+    def admin_status(self, msg: dict[str, Any], caller: Caller) -> Reply:
+        raft = self.replica.status()
+        view = self.replica.state.read(lambda s: {
+            "fence_term": s["fence_term"], "leader_node": s["leader"],
+            "leader_changes": max(0, len(s["leader_history"]) - 1),
+            "sites": len(s["sites"]), "versions": len(s["versions"]),
+            "last_round": last_round(s), "target_round": s["training"]["target_round"],
+        })
+        leader = self.membership.leader_address()
+        me = self.self_addr
+        return {
+            "ok": True, "node": me.id, "raft": raft, "state": view,
+            "leader": leader.id if leader else None,
+            "leader_admin": leader.admin if leader else None,
+            "nodes": self.membership.nodes(),
+            "self": {"id": me.id, "raft": me.raft, "fleet": me.fleet, "admin": me.admin},
+            "clients_online": sorted(self.online.online()) if self.replica.is_leader() else None,
+        }
+
+    def admin_sites(self, msg: dict[str, Any], caller: Caller) -> Reply:
+        sites = self.replica.state.read(lambda s: s["sites"])
+        online = self.online.online() if self.replica.is_leader() else set()
+        return {"ok": True, "leader": self.replica.is_leader(), "sites": [
+            {"site": k, "public_key": v["public_key"], "revoked": v["revoked"],
+             "online": k in online, "budget": v["budget"], "spent": v["spent"],
+             "charges": v["charges"]}
+            for k, v in sorted(sites.items())]}
+
+    def admin_round_status(self, msg: dict[str, Any], caller: Caller) -> Reply:
+        view = self.replica.state.read(lambda s: {
+            "last_round": last_round(s),
+            "target_round": s["training"]["target_round"],
+            "config": s["training"]["config"],
+            "open": s["round"],
+            "versions": [{k: v[k] for k in ("round", "hash", "parent", "size")}
+                         for v in s["versions"]],
+            "history": {str(k): v for k, v in s["history"].items()},
+            "leader_history": s["leader_history"],
+        })
+        view["progress"] = self.driver.progress() if self.replica.is_leader() else None
+        return {"ok": True, "node": self.self_addr.id, **view}
+
+    # ------------------------------------------------------------ admin API: writes
+
+    def _submit(self, command: dict[str, Any], timeout: float = 10.0) -> Reply:
+        try:
+            return self.replica.submit(command, timeout=time_left(timeout))
+        except CommandFailed as exc:
+            return wire.error("unavailable", str(exc))
+
+    def admin_enroll(self, msg: dict[str, Any], caller: Caller) -> Reply:
+        key = msg.get("public_key")
+        try:
+            Ed25519PublicKey.from_public_bytes(bytes.fromhex(key))  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return wire.error("malformed", "public_key must be a 32-byte Ed25519 key in hex")
+        budget = {k: msg[k] for k in ("epsilon", "delta") if k in msg}
+        return self._submit(commands.enroll(msg.get("site"), key.lower(),  # type: ignore[union-attr]
+                                            budget=budget, request_id=msg.get("request_id")))
+
+    def admin_set_budget(self, msg: dict[str, Any], caller: Caller) -> Reply:
+        """Change a site's privacy budget; the state machine checks it against the spend.
+
+        The operator's certificate name goes into the command, so the audit log says who.
+        """
+        return self._submit(commands.set_budget(
+            msg.get("site"), msg.get("epsilon"), delta=msg.get("delta"), operator=caller.name,
+            request_id=msg.get("request_id")))
+
+    def admin_revoke(self, msg: dict[str, Any], caller: Caller) -> Reply:
+        return self._submit(commands.revoke(msg.get("site"), request_id=msg.get("request_id")))
+
+    def admin_init_model(self, msg: dict[str, Any], caller: Caller) -> Reply:
+        data = msg.get("data")
+        if not isinstance(data, bytes):
+            return wire.error("malformed", "data must be the model's safetensors bytes")
+        params = wire.decode_model(data)
+        if not params:
+            return wire.error("malformed", "the model has no tensors")
+        digest = wire.sha256_hex(data)
+        genesis = self.replica.state.read(
+            lambda s: s["versions"][0]["hash"] if s["versions"] else None)
+        if genesis not in (None, digest):  # refused before any blob is written or pushed
+            return wire.error("exists", "the cluster already has a genesis model")
+        holders = self.blobs.replicate(data, digest, timeout=GENESIS_PUSH_TIMEOUT_S)
+        return self._submit(commands.genesis(digest, len(data), holders,
+                                             self.membership.cluster_size(),
+                                             request_id=msg.get("request_id")))
+
+    def admin_train(self, msg: dict[str, Any], caller: Caller) -> Reply:
+        return self._submit(commands.train(msg.get("rounds"), msg.get("config", {}),
+                                           request_id=msg.get("request_id")))
+
+    def admin_stop(self, msg: dict[str, Any], caller: Caller) -> Reply:
+        return self._submit(commands.stop(request_id=msg.get("request_id")))
+
+    # ------------------------------------------------------------ admin API: membership
+
+    def admin_add_node(self, msg: dict[str, Any], caller: Caller) -> Reply:
+        """Add a running node, started with every member and itself as its peers."""
+        raft = _address(msg.get("node"), "node")
+        admin = None if msg.get("admin") is None else _address(msg.get("admin"), "admin")
+        return self.membership.add(raft, admin, _timeout(msg), _change(msg, caller))
+
+    def admin_remove_node(self, msg: dict[str, Any], caller: Caller) -> Reply:
+        """Remove a member other than the leader (the CLI transfers leadership first)."""
+        name = msg.get("node")
+        if not isinstance(name, str) or not name:
+            raise wire.WireError("malformed", "node must be a member's host:port or id")
+        return self.membership.remove(name, _timeout(msg), _change(msg, caller))
+
+    def admin_transfer_leader(self, msg: dict[str, Any], caller: Caller) -> Reply:
+        """Hand leadership to the named member, or to the most caught-up one."""
+        name = msg.get("node")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise wire.WireError("malformed", "node must be a member's host:port or id")
+        return self.membership.transfer(name, _timeout(msg), _change(msg, caller))
+
+
+def _timeout(msg: dict[str, Any]) -> float:
+    value = msg.get("timeout_s", DEFAULT_CHANGE_TIMEOUT_S)
+    if not wire.is_number(value) or not 0 < value <= MAX_CHANGE_TIMEOUT_S:
+        raise wire.WireError("malformed", f"timeout_s must be in (0, {MAX_CHANGE_TIMEOUT_S:g}]")
+    return float(value)
+
+
+def _address(value: Any, what: str) -> str:
+    try:
+        return host_port(value, what)
+    except ConfigError as exc:
+        raise wire.WireError("malformed", str(exc)) from None
+
+
+def _change(msg: dict[str, Any], caller: Caller) -> Change:
+    request = msg.get("request_id")
+    return Change(operator=caller.name, request_id=request if isinstance(request, str) else None)

@@ -1,0 +1,147 @@
+"""The round driver's decisions, as pure functions of what it knows.
+
+The driver (`driver.py`) carries them out: it reads state, asks here what to do, and does
+it (commands, waits, logs). Nothing here touches a clock, a thread or the network: times
+are passed in, randomness is a generator the caller owns.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from coordinator import wire
+from coordinator.core import queries
+from coordinator.core.round_config import RoundConfig
+from privacy.accounting import within_budget
+
+TRAINING_STAGES = ("collect", "masked")
+"""Stages that wait for local training, so they get the longer collect timeout."""
+REASON_CHARS = 200
+
+
+@dataclass(frozen=True)
+class LeaderView:
+    """What one driver step reads of the replicated state, in one consistent read."""
+
+    open_round: dict[str, Any] | None
+    pending: bool
+    last_round: int
+    attempts: dict[int, int]
+    config: RoundConfig
+    run: tuple[int, int]
+    eligible: list[str]
+    head: str | None
+    parent: str | None
+    genesis: str | None
+    keys: dict[str, str]
+
+    @classmethod
+    def of(cls, s: Mapping[str, Any]) -> LeaderView:
+        versions = s["versions"]
+        return cls(
+            open_round=s["round"], pending=queries.training_pending(s),
+            last_round=queries.last_round(s), attempts=dict(s["attempts"]),
+            config=RoundConfig.from_mapping(s["training"]["config"]),
+            run=(s["training"].get("first_round", 1), s["training"]["target_round"]),
+            eligible=queries.eligible_sites(s), head=queries.head(s),
+            parent=versions[-1]["parent"] if versions else None,
+            genesis=versions[0]["hash"] if versions else None,
+            keys={k: v["public_key"] for k, v in s["sites"].items()},
+        )
+
+
+def stale_round_reason(open_round: Mapping[str, Any], term: int) -> str:
+    """Why a leader aborts a round it finds open: rounds run synchronously in the driver
+    thread, so an open round was opened by an earlier leader or an earlier, failed step."""
+    return "leader_change" if open_round["term"] != term else "driver_restart"
+
+
+def next_attempt(view: LeaderView) -> tuple[int, int]:
+    """The round and attempt number the next `round_open` must name."""
+    rnd = view.last_round + 1
+    return rnd, view.attempts.get(rnd, 0) + 1
+
+
+def sample_size(config: RoundConfig, eligible: int) -> int:
+    """How many sites to sample from `eligible` affordable ones."""
+    want = config.clients or math.ceil(config.fraction * eligible)
+    return max(config.min_clients, min(want, eligible))
+
+
+Sampling = Literal["sample", "wait", "give_up"]
+
+
+def sampling(online: int, want: int, min_clients: int, late: bool) -> Sampling:
+    """Sample once `want` sites are online, or `min_clients` once the online wait is over;
+    give up (and retry later) when even that many are not there by then."""
+    if online >= want or (late and online >= min_clients):
+        return "sample"
+    return "give_up" if late else "wait"
+
+
+def choose(online: Iterable[str], want: int, rng: random.Random) -> list[str]:
+    """The participants: up to `want` of the online sites, drawn by `rng`, sorted."""
+    pool = sorted(online)
+    return sorted(rng.sample(pool, min(want, len(pool))))
+
+
+def stage_timeout(stage: str, config: RoundConfig) -> float:
+    return config.collect_timeout_s if stage in TRAINING_STAGES else config.stage_timeout_s
+
+
+def stage_done(answered: set[str], expected: frozenset[str], holding: bool, now: float,
+               deadline: float) -> bool:
+    """A stage ends when every expected site answered (unless a test holds it) or at its deadline."""
+    return (answered >= expected and not holding) or now > deadline
+
+
+def too_few(survivors: list[str], min_clients: int) -> str | None:
+    """The abort reason when the sum holds too few updates to commit; None when enough."""
+    if len(survivors) < min_clients:
+        return f"too_few_updates ({len(survivors)}/{min_clients})"
+    return None
+
+
+def failed(what: str, exc: BaseException | str) -> str:
+    """An abort reason naming a failure, cut to what the state machine records."""
+    return f"{what}: {exc}"[:REASON_CHARS]
+
+
+def payable(charges: Mapping[str, dict[str, float]],
+            budgets: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """The charges a commit may still record after an `overspend` refusal: a site that
+    reported a mechanism its budget cannot pay is left out, the others are charged."""
+    return {k: v for k, v in charges.items() if within_budget(v["epsilon_total"], budgets[k])}
+
+
+def round_metrics(survivors: list[str], reported: Mapping[str, Mapping[str, float]],
+                  seconds: float, upload_values: int) -> dict[str, float]:
+    """Federated evaluation of the base and training loss, averaged over survivors.
+
+    Example counts never travel in the clear (they are inside the masked vector), so
+    site metrics are averaged without weights.
+    """
+    out: dict[str, float] = {"survivors": float(len(survivors)), "seconds": round(seconds, 3),
+                             "upload_values": float(upload_values)}
+    rows = [reported[site] for site in survivors if site in reported]
+    for name, key in (("eval_accuracy", "base_accuracy"), ("eval_loss", "base_loss"),
+                      ("train_loss", "train_loss")):
+        values = [m[name] for m in rows if name in m]
+        if values:
+            out[key] = sum(values) / len(values)
+    return out
+
+
+def submit_refusal(submit: wire.Submit, session: tuple[int, int, int],
+                   participants: frozenset[str]) -> dict[str, Any] | None:
+    """Whether a Submit belongs to the open session at all; the error reply if not."""
+    if submit.session != session:
+        return wire.error("stale_round", f"round {submit.round}.{submit.attempt} "
+                          f"(term {submit.term}) is not open")
+    if submit.site not in participants:
+        return wire.error("not_participant", f"site {submit.site!r} was not sampled this round")
+    return None
