@@ -2,7 +2,9 @@
 
 Pure core: ``canonical`` (encoding), ``entry`` (fields, hashes, payload rules), ``merkle``,
 ``keys``, ``verify``, ``charges`` (privacy charges recomputed over each site's history),
-``query``. Shell: ``store`` (SQLAlchemy + Alembic), ``bundle``
+``lineage`` (model blobs and version lineage), ``query``. Shell: ``store`` (``AuditStore``),
+``sql`` (SQLAlchemy tables and engines, Alembic migrations), ``errors`` (what the store
+raises), ``writer`` (a node's audit entries, appended off the Raft thread), ``bundle``
 (offline export), ``report`` (HTML), ``cli`` (``fedraft audit``).
 
 The coordinator writes through ``AuditStore.append``; auditors read through the CLI.
@@ -11,16 +13,16 @@ The coordinator writes through ``AuditStore.append``; auditors read through the 
 from coordinator.audit.bundle import Bundle, BundleError, export_bundle
 from coordinator.audit.canonical import CanonicalError, canonical_bytes, normalize
 from coordinator.audit.entry import Checkpoint, Entry, PayloadError
-from coordinator.audit.keys import AuditKeyError, AuditSigner
-from coordinator.audit.store import (
+from coordinator.audit.errors import (
     AuditConflictError,
     AuditError,
     AuditGapError,
     AuditIntegrityError,
     AuditOrderError,
     AuditSchemaError,
-    AuditStore,
 )
+from coordinator.audit.keys import AuditKeyError, AuditSigner
+from coordinator.audit.store import AuditStore
 from coordinator.audit.verify import VerifyReport, verify_log
 
 __all__ = [

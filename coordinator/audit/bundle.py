@@ -21,11 +21,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from coordinator import durable
 from coordinator.audit.canonical import canonical_text
 from coordinator.audit.entry import GENESIS, KEY_ROTATION, Checkpoint, Entry, PayloadError
 from coordinator.audit.query import (
@@ -68,13 +68,8 @@ def _file_sha256(path: Path) -> str:
 
 
 def _write_atomic(path: Path, lines: Iterable[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8", newline="\n") as fh:
-        for line in lines:
-            fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
+    """Stream text lines into `path` atomically and durably (UTF-8, `\\n` line ends)."""
+    durable.write_atomic(path, (line.encode("utf-8") for line in lines))
 
 
 def export_bundle(

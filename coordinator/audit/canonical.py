@@ -33,9 +33,10 @@ import hashlib
 import json
 import math
 import numbers
-import re
 from collections.abc import Mapping
 from typing import Any
+
+from coordinator.wire.schema import HEX64
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -118,9 +119,8 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def is_sha256_hex(text: object) -> bool:
     """True for 64 lower-case hex digits, the only accepted spelling of a hash."""
-    return isinstance(text, str) and _SHA256_HEX.fullmatch(text) is not None
+    return isinstance(text, str) and HEX64.fullmatch(text) is not None

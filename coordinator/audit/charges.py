@@ -8,7 +8,7 @@ on an attempt whose leader died) records the run's parameters, the site's cumula
 ``epsilon_total`` after it and the round's ``epsilon`` (the increase). A late charge joins
 the site's history where the log records it, as it joined the leader's ledger.
 ``ChargeChecker`` follows the log in order, keeps each site's history of ``DPStep``s and
-recomputes both numbers exactly as the leader did (``coordinator.ledger``: same conversion,
+recomputes both numbers exactly as the leader did (``privacy.accounting``: same conversion,
 same accountant, same increase), so an honest log matches bit for bit. Along the way it
 checks each charge against the site's budget from ``client_enrolled`` / ``budget_changed``.
 A charge without ``epsilon_total`` (the entry format does not require it) is checked on its
@@ -28,17 +28,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.audit.entry import BUDGET_CHANGED, CLIENT_ENROLLED, Entry
-from coordinator.ledger import charge_increase, dp_step
-from privacy.accounting import DPStep
+from privacy.accounting import (
+    BUDGET_SLACK,
+    CHARGE_FIELDS,
+    DPStep,
+    charge_increase,
+    dp_step,
+    within_budget,
+)
 
 Accountant = Callable[[Sequence[DPStep], float], float]
 """Epsilon of a site's whole history of runs at ``delta``."""
 Report = Callable[[str, int], None]
 """Receives (reason, seq) for each failed check."""
-
-DP_FIELDS = ("noise_multiplier", "sample_rate", "steps", "clip_norm")
-BUDGET_SLACK = 1e-9
-"""The state machine's own slack when it compares a total with a budget."""
 
 
 def prv_epsilon(history: Sequence[DPStep], delta: float) -> float:
@@ -166,7 +168,7 @@ class ChargeChecker:
         if rec.delta is not None and delta != rec.delta:
             report(f"site {site}: charged at delta {delta!r}, its budget's delta is "
                    f"{rec.delta!r}", seq)
-        if rec.budget is not None and total > rec.budget + BUDGET_SLACK:
+        if rec.budget is not None and not within_budget(total, rec.budget):
             report(f"site {site}: cumulative epsilon {total!r} exceeds its budget "
                    f"{rec.budget!r}", seq)
 
@@ -188,7 +190,7 @@ def _parse(params: Any) -> tuple[DPStep, float]:
     (a fractional step count would be truncated, a boolean read as 1)."""
     if not isinstance(params, Mapping):
         raise ValueError("charge is not an object")
-    for name in (*DP_FIELDS, "delta", "epsilon"):
+    for name in (*CHARGE_FIELDS, "delta", "epsilon"):
         if not _number(params.get(name)):
             raise ValueError(f"charge lacks a finite number {name!r}")
     if float(params["steps"]) != int(params["steps"]):

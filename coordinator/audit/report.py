@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from coordinator.audit.query import RoundView, SpendSeries
 from coordinator.audit.verify import KeyInForce, VerifyReport
+from privacy.accounting import within_budget
 
 PALETTE = (
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
@@ -215,7 +216,20 @@ def build_report(source: ReportSource, verification: VerifyReport | None) -> str
         f"<p class='muted'>source <code>{_esc(source.describe())}</code> &middot; "
         f"generated {_esc(now)}</p>",
     ]
-    out.append("<h2>Verification</h2>")
+    # A section that follows a table opens with the tag that closes it.
+    out += _verification_section(verification)
+    out += _summary_section(rounds, spend)
+    out += _keys_section(keys)
+    out += _quality_section(rounds)
+    out += _privacy_section(spend)
+    out += _rounds_section(rounds)
+    out.append("</table></body></html>")
+    return "\n".join(out)
+
+
+def _verification_section(verification: VerifyReport | None) -> list[str]:
+    """The verification result: counts when it passed, the issues when it failed."""
+    out = ["<h2>Verification</h2>"]
     if verification is None:
         out.append("<p class='muted'>not run</p>")
     elif verification.ok:
@@ -244,9 +258,13 @@ def build_report(source: ReportSource, verification: VerifyReport | None) -> str
     if verification is not None:
         for warning in verification.warnings:
             out.append(f"<p class='muted'>note: {_esc(warning)}</p>")
+    return out
 
+
+def _summary_section(rounds: Sequence[RoundView], spend: dict[str, SpendSeries]) -> list[str]:
+    """Round counts, the latest model version and how many sites were charged."""
     committed = [r for r in rounds if r.status == "committed"]
-    out.append("<h2>Summary</h2><table>")
+    out = ["<h2>Summary</h2><table>"]
     latest = committed[-1].final.version if committed else None
     rows = [
         ("rounds", len(rounds)),
@@ -257,17 +275,32 @@ def build_report(source: ReportSource, verification: VerifyReport | None) -> str
         ("sites charged", len([s for s in spend.values() if s.cumulative])),
     ]
     out.extend(f"<tr><th>{_esc(k)}</th><td><code>{_esc(v)}</code></td></tr>" for k, v in rows)
-    out.append("</table><h2>Audit keys</h2><table><tr><th>key id</th><th>public key</th>"
-               "<th>signs from seq</th></tr>")
+    return out
+
+
+def _keys_section(keys: Sequence[KeyInForce]) -> list[str]:
+    """The audit keys of the rotation chain."""
+    out = ["</table><h2>Audit keys</h2><table><tr><th>key id</th><th>public key</th>"
+           "<th>signs from seq</th></tr>"]
     out.extend(
         f"<tr><td><code>{_esc(k.key_id)}</code></td><td><code>{_esc(k.public_key)}</code></td>"
         f"<td class='num'>{k.from_seq}</td></tr>"
         for k in keys
     )
-    out.append("</table><h2>Model quality</h2>")
+    return out
+
+
+def _quality_section(rounds: Sequence[RoundView]) -> list[str]:
+    """A chart per recorded metric."""
+    out = ["</table><h2>Model quality</h2>"]
     charts = metric_charts(rounds)
     out.extend(charts or ["<p class='muted'>no metrics recorded</p>"])
-    out.append("<h2>Privacy spend</h2>")
+    return out
+
+
+def _privacy_section(spend: dict[str, SpendSeries]) -> list[str]:
+    """The cumulative epsilon chart and each site's spend against its budget."""
+    out = ["<h2>Privacy spend</h2>"]
     chart, left_out = epsilon_chart(spend)
     out.append(chart)
     if left_out:
@@ -277,16 +310,22 @@ def build_report(source: ReportSource, verification: VerifyReport | None) -> str
     for s in sorted(spend.values(), key=lambda s: s.site):
         spent = s.cumulative[-1] if s.cumulative else 0.0
         remaining = f"{s.budget - spent:.4g}" if s.budget is not None else "-"
-        cls = " class='bad'" if s.budget is not None and spent > s.budget + 1e-9 else ""
+        over = s.budget is not None and not within_budget(spent, s.budget)
+        cls = " class='bad'" if over else ""
         out.append(
             f"<tr><td>{_esc(s.site)}</td><td class='num'>{len(s.rounds)}</td>"
             f"<td class='num'>{spent:.4g}</td><td class='num'>"
             f"{'-' if s.budget is None else f'{s.budget:.4g}'}</td>"
             f"<td class='num'{cls}>{remaining}</td></tr>"
         )
-    out.append("</table><h2>Rounds</h2><table><tr><th>round</th><th>status</th>"
-               "<th>attempts</th><th>participants</th><th>survivors</th><th>version</th>"
-               "<th>metrics</th><th>epsilon</th></tr>")
+    return out
+
+
+def _rounds_section(rounds: Sequence[RoundView]) -> list[str]:
+    """One row per round: outcome, attempts, participants, version, metrics, epsilon."""
+    out = ["</table><h2>Rounds</h2><table><tr><th>round</th><th>status</th>"
+           "<th>attempts</th><th>participants</th><th>survivors</th><th>version</th>"
+           "<th>metrics</th><th>epsilon</th></tr>"]
     for r in rounds:
         f = r.final
         metrics = ", ".join(f"{k}={_fmt(float(v))}" for k, v in sorted(f.metrics.items()))
@@ -298,8 +337,7 @@ def build_report(source: ReportSource, verification: VerifyReport | None) -> str
             f"<td><code>{_esc((f.version or '-')[:16])}</code></td><td>{_esc(metrics)}</td>"
             f"<td class='num'>{r.epsilon_spent:.4g}</td></tr>"
         )
-    out.append("</table></body></html>")
-    return "\n".join(out)
+    return out
 
 
 def report_dict(source: ReportSource) -> dict[str, Any]:

@@ -4,39 +4,19 @@ Each coordinator node owns one ``AuditStore`` (SQLite file by default, PostgreSQ
 production) and calls ``append`` for every applied Raft command that the audit trail records.
 Appends are idempotent on the Raft index, so replaying the Raft log after a restart writes
 nothing twice, and deterministic (Ed25519 signs deterministically), so all nodes holding the
-cluster audit key produce the same entries hash for hash.
+cluster audit key produce the same entries hash for hash. Tables, engines and the mapping
+between rows and entries live in ``sql``; the errors raised here in ``errors``.
 """
 
 from __future__ import annotations
 
-import json
-import re
 import threading
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import (
-    BigInteger,
-    Column,
-    Engine,
-    MetaData,
-    String,
-    Table,
-    Text,
-    create_engine,
-    event,
-    func,
-    inspect,
-    select,
-    text,
-)
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.pool import StaticPool
 from sqlalchemy.sql.elements import ColumnElement
 
 from coordinator.audit import bundle as bundle_mod
@@ -47,7 +27,6 @@ from coordinator.audit.entry import (
     CLIENT_ENROLLED,
     ENTRY_CONTEXT,
     GENESIS,
-    GENESIS_PREV_HASH,
     GENESIS_RAFT_INDEX,
     KEY_KINDS,
     KEY_ROTATION,
@@ -63,6 +42,14 @@ from coordinator.audit.entry import (
     validate_kind,
     validate_payload,
 )
+from coordinator.audit.errors import (
+    AuditConflictError,
+    AuditError,
+    AuditGapError,
+    AuditIntegrityError,
+    AuditOrderError,
+    AuditSchemaError,
+)
 from coordinator.audit.keys import (
     ALGORITHM,
     AuditKeyError,
@@ -71,7 +58,6 @@ from coordinator.audit.keys import (
     key_id_for,
     parse_public_key,
 )
-from coordinator.audit.merkle import MerkleAccumulator
 from coordinator.audit.query import (
     RoundView,
     SpendSeries,
@@ -80,127 +66,23 @@ from coordinator.audit.query import (
     privacy_spend,
     select_rounds,
 )
+from coordinator.audit.sql import (
+    LogHead,
+    checkpoints_table,
+    entries_table,
+    entry_from_row,
+    indexed_columns,
+    insert_entry,
+    make_engine,
+    prepare_schema,
+    read_head,
+    redact_url,
+    upgrade_schema,
+)
 from coordinator.audit.verify import Issue, KeyInForce, VerifyReport, verify_log
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 DEFAULT_CHECKPOINT_EVERY = 256
-_SCHEMA_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-_CORRUPT = "$unparseable_payload"
-
-metadata = MetaData()
-# Mirrors migrations/versions/0001_audit_log.py; used for queries, never for DDL.
-entries_table = Table(
-    "audit_entries",
-    metadata,
-    Column("seq", BigInteger, primary_key=True, autoincrement=False),
-    Column("raft_index", BigInteger, nullable=False),
-    Column("kind", String(64), nullable=False),
-    Column("round", BigInteger),
-    Column("version", String(64)),
-    Column("payload", Text, nullable=False),
-    Column("prev_hash", String(64), nullable=False),
-    Column("entry_hash", String(64), nullable=False),
-    Column("key_id", String(64), nullable=False),
-    Column("signature", String(128), nullable=False),
-)
-checkpoints_table = Table(
-    "audit_checkpoints",
-    metadata,
-    Column("tree_size", BigInteger, primary_key=True, autoincrement=False),
-    Column("root_hash", String(64), nullable=False),
-    Column("key_id", String(64), nullable=False),
-    Column("signature", String(128), nullable=False),
-)
 _E = entries_table.c
-_INSERT_ENTRY = entries_table.insert()
-_INSERT_CHECKPOINT = checkpoints_table.insert()
-
-
-class AuditError(RuntimeError):
-    """Base class for audit store failures."""
-
-
-class AuditConflictError(AuditError):
-    """The Raft index is already recorded with a different kind or payload."""
-
-
-class AuditOrderError(AuditError):
-    """A Raft index below the newest recorded one that was never recorded: a skipped command."""
-
-
-class AuditGapError(AuditOrderError):
-    """The entry would not land at the seq the replicated state expects: entries missing."""
-
-
-class AuditIntegrityError(AuditError):
-    """The stored log is damaged; the store refuses to extend it."""
-
-
-class AuditSchemaError(AuditError):
-    """The database has no audit schema (opened without migrating)."""
-
-
-@dataclass(slots=True)
-class _Head:
-    """What a writer needs to extend the log without reading it back."""
-
-    size: int
-    head_hash: str
-    last_raft: int
-    key_id: str | None
-    public_key: bytes | None
-    acc: MerkleAccumulator
-
-
-def redact_url(url: str) -> str:
-    """The URL without its password, safe to print and to write into an export manifest."""
-    return make_url(url).render_as_string(hide_password=True)
-
-
-def make_engine(url: str, schema: str | None = None, *, writer: bool = True) -> Engine:
-    """Engine with the settings the audit log relies on.
-
-    SQLite runs in WAL mode so an auditor can read while the node writes; synchronous=NORMAL
-    may lose the newest entries on power loss, which a Raft replay rewrites idempotently.
-    For PostgreSQL, ``schema`` selects (via search_path) the schema holding the tables.
-    A reader (``writer=False``) leaves the journal mode alone, so it works on a read-only
-    copy of the file.
-    """
-    parsed = make_url(url)
-    backend = parsed.get_backend_name()
-    if backend == "sqlite":
-        memory = parsed.database in (None, "", ":memory:")
-        options: dict[str, Any] = {"connect_args": {"check_same_thread": False}}
-        if memory:
-            options["poolclass"] = StaticPool
-        engine = create_engine(parsed, **options)
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA busy_timeout=10000")
-            if writer and not memory:
-                cur.execute("PRAGMA journal_mode=WAL")
-                cur.execute("PRAGMA synchronous=NORMAL")
-            cur.close()
-
-        return engine
-    if backend == "postgresql":
-        connect_args: dict[str, Any] = {"connect_timeout": 5}
-        if schema is not None:
-            if not _SCHEMA_RE.match(schema):
-                raise ValueError(f"invalid schema name {schema!r}")
-            connect_args["options"] = f"-csearch_path={schema}"
-        return create_engine(parsed, connect_args=connect_args, pool_pre_ping=True)
-    return create_engine(parsed)
-
-
-def upgrade_schema(connection: Connection) -> None:
-    """Run the audit migrations to head on ``connection`` (Alembic, no ini file)."""
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    config.attributes["connection"] = connection
-    command.upgrade(config, "head")
 
 
 class AuditStore:
@@ -239,17 +121,10 @@ class AuditStore:
             raise PayloadError(f"genesis_info may not set {sorted(clash)}")
         self._genesis_info: dict[str, Any] = info
         self._lock = threading.RLock()
-        self._head: _Head | None = None
+        self._head: LogHead | None = None
         self.engine = make_engine(url, schema, writer=migrate)
         try:
-            if schema is not None and self.engine.dialect.name == "postgresql":
-                with self.engine.begin() as conn:
-                    conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
-            if migrate:
-                with self.engine.begin() as conn:
-                    upgrade_schema(conn)
-            elif not inspect(self.engine).has_table("audit_entries"):
-                raise AuditSchemaError(f"{redact_url(url)} holds no audit log")
+            prepare_schema(self.engine, url, schema, migrate=migrate)
         except BaseException:
             self.engine.dispose()
             raise
@@ -403,7 +278,7 @@ class AuditStore:
             )
         return signer
 
-    def _write_genesis(self, head: _Head) -> _Head:
+    def _write_genesis(self, head: LogHead) -> LogHead:
         signer = self._first_signer
         if signer is None:
             raise AuditKeyError("no audit signer configured; cannot create the genesis entry")
@@ -420,7 +295,7 @@ class AuditStore:
 
     def _write(
         self,
-        head: _Head,
+        head: LogHead,
         kind: str,
         payload: dict[str, Any],
         body: str,
@@ -442,7 +317,7 @@ class AuditStore:
         return entry
 
     def _insert(
-        self, head: _Head, entry: Entry, body: str, key_id: str, public_key: bytes
+        self, head: LogHead, entry: Entry, body: str, key_id: str, public_key: bytes
     ) -> None:
         """Store ``entry`` (and the checkpoint it completes) in one transaction.
 
@@ -458,26 +333,8 @@ class AuditStore:
             root = acc.root().hex()
             cp_sig = cp_signer.sign(checkpoint_message(acc.size, root, key_id)).hex()
             checkpoint = Checkpoint(acc.size, root, key_id, cp_sig)
-        kind, payload = entry.kind, entry.payload
-        rnd = payload.get("round") if kind in ROUND_KINDS else None
-        version = payload.get("version") if kind in MODEL_KINDS else None
-        row = {
-            "seq": entry.seq,
-            "raft_index": entry.raft_index,
-            "kind": kind,
-            "round": rnd if type(rnd) is int else None,
-            "version": version if isinstance(version, str) else None,
-            "payload": body,
-            "prev_hash": entry.prev_hash,
-            "entry_hash": entry.entry_hash,
-            "key_id": entry.key_id,
-            "signature": entry.signature,
-        }
-        with self.engine.begin() as conn:
-            conn.execute(_INSERT_ENTRY, row)
-            if checkpoint is not None:
-                conn.execute(_INSERT_CHECKPOINT, checkpoint.to_dict())
-        self._head = _Head(entry.seq + 1, entry.entry_hash, entry.raft_index, key_id,
+        insert_entry(self.engine, entry, body, checkpoint)
+        self._head = LogHead(entry.seq + 1, entry.entry_hash, entry.raft_index, key_id,
                            public_key, acc)
 
     def import_entries(self, entries: Iterable[Entry]) -> int:
@@ -512,7 +369,7 @@ class AuditStore:
         return written
 
     def _extension_problem(
-        self, head: _Head, entry: Entry, checker: SignatureChecker
+        self, head: LogHead, entry: Entry, checker: SignatureChecker
     ) -> tuple[str | None, bytes | None]:
         """Why ``entry`` cannot follow ``head`` (or None), and the key in force after it."""
         if entry.seq != head.size:
@@ -553,77 +410,18 @@ class AuditStore:
             return "signature is not valid", None
         return None, after
 
-    def _load_head(self) -> _Head:
+    def _load_head(self) -> LogHead:
         """Read what a writer needs once, and refuse to extend a visibly damaged log."""
-        if self._head is not None:
-            return self._head
-        acc = MerkleAccumulator()
-        head_hash, last_raft = GENESIS_PREV_HASH, GENESIS_RAFT_INDEX - 1
-        with self.engine.connect() as conn:
-            latest = conn.execute(
-                select(checkpoints_table).order_by(checkpoints_table.c.tree_size.desc()).limit(1)
-            ).first()
-            root_at_latest: str | None = None
-            rows = conn.execute(
-                select(_E.seq, _E.entry_hash, _E.raft_index).order_by(_E.seq)
-            )
-            for seq, entry_hash, raft_index in rows:
-                if seq != acc.size or entry_hash is None or len(entry_hash) != 64:
-                    raise AuditIntegrityError(
-                        f"audit log is damaged at seq {acc.size}; run `fedraft audit verify`"
-                    )
-                acc.append(bytes.fromhex(entry_hash))
-                head_hash, last_raft = entry_hash, raft_index
-                if latest is not None and acc.size == latest.tree_size:
-                    root_at_latest = acc.root().hex()
-            key_rows = conn.execute(
-                select(_E.payload).where(_E.kind.in_(KEY_KINDS)).order_by(_E.seq)
-            ).all()
-        if latest is not None and root_at_latest != latest.root_hash:
-            raise AuditIntegrityError(
-                f"audit log does not match its checkpoint at tree size {latest.tree_size};"
-                " run `fedraft audit verify`"
-            )
-        key_id: str | None = None
-        public_key: bytes | None = None
-        if key_rows:
-            try:
-                info = json.loads(key_rows[-1].payload)
-                public_key = parse_public_key(info["public_key"])
-                key_id = info["key_id"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise AuditIntegrityError(f"unreadable audit key entry: {exc}") from exc
-        elif self._first_signer is not None:
-            key_id, public_key = self._first_signer.key_id, self._first_signer.public_key
-        self._head = _Head(acc.size, head_hash, last_raft, key_id, public_key, acc)
+        if self._head is None:
+            self._head = read_head(self.engine, self._first_signer)
         return self._head
 
     # --- reading ---------------------------------------------------------------------------
 
-    @staticmethod
-    def _entry(row: Any) -> Entry:
-        try:
-            payload = json.loads(row.payload)
-            if not isinstance(payload, dict):
-                raise ValueError("payload is not an object")
-        except ValueError:
-            # A damaged row must still reach the verifier, which then names its seq.
-            payload = {_CORRUPT: row.payload}
-        return Entry(
-            seq=int(row.seq),
-            kind=row.kind,
-            payload=payload,
-            raft_index=int(row.raft_index),
-            prev_hash=row.prev_hash,
-            entry_hash=row.entry_hash,
-            key_id=row.key_id,
-            signature=row.signature,
-        )
-
     def _select(self, *where: Any) -> list[Entry]:
         query = select(entries_table).where(*where).order_by(_E.seq)
         with self.engine.connect() as conn:
-            return [self._entry(r) for r in conn.execute(query)]
+            return [entry_from_row(r) for r in conn.execute(query)]
 
     def __len__(self) -> int:
         with self.engine.connect() as conn:
@@ -635,7 +433,7 @@ class AuditStore:
             row = conn.execute(
                 select(entries_table).order_by(_E.seq.desc()).limit(1)
             ).first()
-        return self._entry(row) if row is not None else None
+        return entry_from_row(row) if row is not None else None
 
     def get(self, seq: int) -> Entry | None:
         """The entry at ``seq``."""
@@ -656,7 +454,7 @@ class AuditStore:
                     select(entries_table).where(_E.seq > last).order_by(_E.seq).limit(batch)
                 ).all()
             for row in rows:
-                yield self._entry(row)
+                yield entry_from_row(row)
             if len(rows) < batch:
                 return
             last = int(rows[-1].seq)
@@ -726,13 +524,9 @@ class AuditStore:
         extra: list[Issue] = []
         with self.engine.connect() as conn:
             for row in conn.execute(select(entries_table).order_by(_E.seq)):
-                entry = self._entry(row)
+                entry = entry_from_row(row)
                 entries.append(entry)
-                p = entry.payload
-                rnd = p.get("round") if entry.kind in ROUND_KINDS else None
-                ver = p.get("version") if entry.kind in MODEL_KINDS else None
-                want_round = rnd if type(rnd) is int else None
-                want_version = ver if isinstance(ver, str) else None
+                want_round, want_version = indexed_columns(entry)
                 if row.round != want_round or row.version != want_version:
                     extra.append(Issue("index", "indexed round/version columns disagree with"
                                        " the payload", entry.seq))

@@ -19,6 +19,9 @@ optionally a public key pinned out of band, a blob directory and a DP accountant
 6. lineage: each committed version's parent is the version committed before it, and no
    round is committed twice (the "one version per round, one hash chain" invariant).
 
+Checks 4 and 6 are ``lineage``'s, check 5 is ``charges``'; ``verify_log`` walks the log
+once and hands each entry to them.
+
 Checking goes on past a failure, linking each entry to its predecessor's stored hash, so the
 report lists every damaged entry and names the first. An edit of a payload, a deleted,
 swapped or reordered row, a truncated tail below a checkpoint, a foreign signature and a
@@ -66,9 +69,11 @@ from coordinator.audit.keys import (
     key_id_for,
     parse_public_key,
 )
+from coordinator.audit.lineage import BlobChecker, BlobLookup, LineageChecker, blob_lookup
+from coordinator.audit.lineage import default_blob_lookup as default_blob_lookup
+from coordinator.audit.lineage import sha256_file as sha256_file
 from coordinator.audit.merkle import MerkleAccumulator
 
-BlobLookup = Callable[[str], Path | None]
 _CHARGE_KINDS = frozenset({ROUND_COMMITTED, ROUND_ABORTED, CHARGE_RECORDED, CLIENT_ENROLLED,
                            BUDGET_CHANGED})
 """Entries the charge walk reads: charges, and the budgets they are held against."""
@@ -116,7 +121,7 @@ class VerifyReport:
 
 @dataclass(slots=True)
 class _State:
-    """Mutable state of one verification pass."""
+    """The issues of one verification pass: all counted, the first ``max_issues`` kept."""
 
     issues: list[Issue] = field(default_factory=list)
     issue_count: int = 0
@@ -128,26 +133,48 @@ class _State:
             self.issues.append(Issue(check, reason, seq, cp))
 
 
-def default_blob_lookup(directory: Path) -> BlobLookup:
-    """Find a blob named by its sha256 hex, flat (``DIR/<hex>``) or fanned out
-    (``DIR/<hex[:2]>/<hex>``), the two layouts content-addressed stores use."""
+def _new_counts() -> dict[str, int]:
+    return {
+        "entries": 0,
+        "signatures": 0,
+        "key_rotations": 0,
+        "rounds_opened": 0,
+        "rounds_committed": 0,
+        "rounds_aborted": 0,
+        "checkpoints": 0,
+        "blobs": 0,
+        "charges": 0,
+        "charges_unchecked": 0,
+    }
 
-    def lookup(version: str) -> Path | None:
-        for candidate in (directory / version, directory / version[:2] / version):
-            if candidate.is_file():
-                return candidate
-        return None
 
-    return lookup
+@dataclass(slots=True)
+class _Walk:
+    """One pass over the entries: what it checks with, and where it stands."""
 
+    state: _State
+    pinned: bytes | None
+    wanted_sizes: set[int]  # checkpoint tree sizes, whose heads the walk keeps
+    warnings: list[str]
+    blobs: BlobChecker | None
+    charges: ChargeChecker | None
+    lineage: LineageChecker | None
+    checker: SignatureChecker = field(default_factory=SignatureChecker)
+    counts: dict[str, int] = field(default_factory=_new_counts)
+    keys: list[KeyInForce] = field(default_factory=list)
+    cur_key: bytes | None = field(init=False)
+    cur_kid: str | None = field(init=False)
+    # tree size -> (root hex, public key, key id) in force after that many entries
+    heads: dict[int, tuple[str, bytes | None, str | None]] = field(default_factory=dict)
+    acc: MerkleAccumulator = field(default_factory=MerkleAccumulator)
+    expected_seq: int = 0
+    prev_hash: str = GENESIS_PREV_HASH
+    prev_raft: int = -1
+    last: Entry | None = None
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 hex of a file, streamed so a large model does not sit in memory."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    def __post_init__(self) -> None:
+        self.cur_key = self.pinned
+        self.cur_kid = key_id_for(self.pinned) if self.pinned is not None else None
 
 
 def verify_log(
@@ -181,169 +208,213 @@ def verify_log(
     on large logs on a multi-core machine); 0 picks a number from the log size and CPUs.
     """
     state = _State(max_issues=max_issues)
-    counts = {
-        "entries": 0,
-        "signatures": 0,
-        "key_rotations": 0,
-        "rounds_opened": 0,
-        "rounds_committed": 0,
-        "rounds_aborted": 0,
-        "checkpoints": 0,
-        "blobs": 0,
-        "charges": 0,
-        "charges_unchecked": 0,
-    }
-    warnings: list[str] = []
     cps = sorted(checkpoints, key=lambda c: c.tree_size if type(c.tree_size) is int else -1)
-    wanted_sizes = {c.tree_size for c in cps}
-    # tree size -> (root hex, public key, key id) in force after that many entries
-    heads: dict[int, tuple[str, bytes | None, str | None]] = {}
+    pinned = parse_public_key(genesis_key) if genesis_key is not None else None
+    warnings: list[str] = []
+    walk = _Walk(
+        state=state,
+        pinned=pinned,
+        wanted_sizes={c.tree_size for c in cps},
+        warnings=warnings,
+        blobs=_blob_checker(blobs, require_blobs),
+        charges=(ChargeChecker(accountant, charge_rel_tol, charge_abs_tol)
+                 if accountant is not None else None),
+        lineage=LineageChecker(warnings) if check_lineage else None,
+    )
+    for entry in _prefetch_signatures(walk.checker, entries, pinned, workers):
+        _walk_entry(walk, entry)
+    _finish_walk(walk)
+    truncated_to = _check_checkpoints(walk, cps)
+    _check_truncation(state, walk.acc.size, truncated_to, expected_size)
+    for issue in extra_issues:
+        state.add(issue.check, issue.reason, issue.seq, issue.checkpoint)
+    return _assemble_report(walk)
 
-    pinned: bytes | None = None
-    if genesis_key is not None:
-        pinned = parse_public_key(genesis_key)
-    cur_key: bytes | None = pinned
-    cur_kid: str | None = key_id_for(pinned) if pinned is not None else None
-    keys: list[KeyInForce] = []
 
-    lookup: BlobLookup | None
-    if blobs is None or callable(blobs):
-        lookup = blobs
-    else:
-        lookup = default_blob_lookup(Path(blobs))
-    checked_blobs: dict[str, str | None] = {}
-    charges = (ChargeChecker(accountant, charge_rel_tol, charge_abs_tol)
-               if accountant is not None else None)
-    report_charge = _charge_reporter(state)
+# --- the steps of verify_log, in the order it takes them ----------------------------------
 
-    checker = SignatureChecker()
-    if workers != 1:
-        entries = list(entries)
-        if workers <= 0:
-            workers = auto_workers(len(entries))
-        checker.prefetch(_signature_jobs(entries, pinned), workers)
-    acc = MerkleAccumulator()
-    expected_seq = 0
-    prev_hash = GENESIS_PREV_HASH
-    prev_raft = -1
-    head_version: str | None = None
-    committed_rounds: set[int] = set()
-    last: Entry | None = None
 
-    for entry in entries:
-        position = acc.size
-        if entry.seq != expected_seq:
-            # Name the lower of the two: the missing seq, or the one that moved back.
-            gap = type(entry.seq) is int and entry.seq > expected_seq
-            state.add(
-                "sequence",
-                f"expected seq {expected_seq}, found seq {entry.seq}"
-                + (" (entries missing)" if gap else " (out of order)"),
-                expected_seq if gap or type(entry.seq) is not int else entry.seq,
-            )
-            expected_seq = entry.seq if type(entry.seq) is int else expected_seq
-        seq = entry.seq
-        intact = True
+def _blob_checker(blobs: Path | str | BlobLookup | None, require: bool) -> BlobChecker | None:
+    """A checker for ``verify_log``'s ``blobs`` argument, or None without blobs."""
+    lookup = blob_lookup(blobs)
+    return BlobChecker(lookup, require) if lookup is not None else None
 
-        if entry.prev_hash != prev_hash:
-            state.add("chain", "prev_hash does not match the previous entry's hash", seq)
-            intact = False
-        if type(entry.raft_index) is not int or entry.raft_index <= prev_raft:
-            state.add("chain", f"raft_index {entry.raft_index} does not increase", seq)
-            intact = False
 
-        try:
-            recomputed = compute_entry_hash(
-                entry.seq, entry.kind, entry.payload, entry.raft_index, entry.prev_hash,
-                entry.key_id,
-            )
-        except (CanonicalError, TypeError) as exc:
-            recomputed = None
-            state.add("hash", f"payload has no canonical encoding: {exc}", seq)
-            intact = False
-        if recomputed is not None and recomputed != entry.entry_hash:
-            state.add("hash", "entry_hash does not match the entry's contents", seq)
-            intact = False
+def _prefetch_signatures(
+    checker: SignatureChecker, entries: Iterable[Entry], pinned: bytes | None, workers: int
+) -> Iterable[Entry]:
+    """With ``workers`` != 1, check the signatures in worker processes ahead of the walk,
+    which then finds the results in ``checker``. Returns the entries to walk."""
+    if workers == 1:
+        return entries
+    entries = list(entries)
+    if workers <= 0:
+        workers = auto_workers(len(entries))
+    checker.prefetch(_signature_jobs(entries, pinned), workers)
+    return entries
 
-        # Key material introduced by this entry (genesis or rotation).
-        new_key: bytes | None = None
-        if position == 0 or entry.kind in (GENESIS, KEY_ROTATION):
-            new_key = _introduced_key(entry, position, state)
-            if position == 0 and new_key is not None:
-                if pinned is not None and new_key != pinned:
-                    state.add("key", "genesis public key differs from the pinned key", seq)
-                    intact = False
-                elif pinned is None:
-                    cur_key, cur_kid = new_key, key_id_for(new_key)
-            if position == 0 and new_key is None:
-                intact = False
 
-        if cur_key is None:
-            state.add("signature", "no audit key is in force (genesis unusable)", seq)
-            intact = False
-        elif entry.key_id != cur_kid:
-            state.add(
-                "signature", f"claims key {entry.key_id!r} but key {cur_kid!r} is in force", seq
-            )
-            intact = False
-        else:
-            if _signature_ok(checker, cur_key, entry):
-                counts["signatures"] += 1
-            else:
-                state.add("signature", f"signature is not valid for key {cur_kid}", seq)
-                intact = False
+def _walk_entry(walk: _Walk, entry: Entry) -> None:
+    """Check one entry in log order: its place and links, its key and signature, then what
+    its kind claims; and add it to the Merkle tree."""
+    position = walk.acc.size
+    _check_seq(walk, entry)
+    linked = _check_chain(walk, entry)
+    new_key, key_ok = _check_introduced_key(walk, entry, position)
+    signed = _check_signature(walk, entry)
+    intact = linked and key_ok and signed
+    _follow_key_chain(walk, entry, position, new_key, intact)
+    _check_claims(walk, entry, intact)
+    _advance(walk, entry)
 
-        if position == 0 and cur_key is not None and cur_kid is not None:
-            keys.append(KeyInForce(cur_kid, cur_key.hex(), seq))
-        if entry.kind == KEY_ROTATION and position > 0 and new_key is not None and intact:
-            cur_key, cur_kid = new_key, key_id_for(new_key)
-            keys.append(KeyInForce(cur_kid, new_key.hex(), seq + 1))
-            counts["key_rotations"] += 1
 
-        kind = entry.kind
-        if intact:
-            if kind == ROUND_OPENED:
-                counts["rounds_opened"] += 1
-            elif kind == ROUND_ABORTED:
-                counts["rounds_aborted"] += 1
-            elif kind == ROUND_COMMITTED:
-                counts["rounds_committed"] += 1
-            if kind in (MODEL_GENESIS, ROUND_COMMITTED) and lookup is not None:
-                _check_blob(entry, lookup, require_blobs, checked_blobs, counts, state)
-        if kind in _CHARGE_KINDS:
-            if charges is not None:
-                # A damaged entry is already reported: follow its charges unjudged, so the
-                # sites' histories stay whole for the entries after it.
-                charges.observe(entry, report_charge if intact else None)
-            elif isinstance(entry.payload.get("charges"), dict):
-                counts["charges_unchecked"] += len(entry.payload["charges"])
-        if check_lineage and kind in (MODEL_GENESIS, ROUND_COMMITTED):
-            # A damaged entry is already reported; follow its claims without judging them
-            # so that one bad entry does not cascade into lineage issues further on.
-            head_version = _check_lineage(
-                entry, head_version, committed_rounds, state if intact else None, warnings
-            )
+def _check_seq(walk: _Walk, entry: Entry) -> None:
+    """The seq is the next one; after a gap or a step back, the walk counts on from it."""
+    expected = walk.expected_seq
+    if entry.seq != expected:
+        # Name the lower of the two: the missing seq, or the one that moved back.
+        gap = type(entry.seq) is int and entry.seq > expected
+        walk.state.add(
+            "sequence",
+            f"expected seq {expected}, found seq {entry.seq}"
+            + (" (entries missing)" if gap else " (out of order)"),
+            expected if gap or type(entry.seq) is not int else entry.seq,
+        )
+        walk.expected_seq = entry.seq if type(entry.seq) is int else expected
 
-        acc.append(_hash_bytes(entry.entry_hash))
-        if acc.size in wanted_sizes:
-            heads[acc.size] = (acc.root().hex(), cur_key, cur_kid)
-        prev_hash = entry.entry_hash
-        prev_raft = entry.raft_index if type(entry.raft_index) is int else prev_raft
-        expected_seq += 1
-        last = entry
 
-    size = acc.size
-    counts["entries"] = size
-    if charges is not None:
-        counts["charges"] = charges.checked
+def _check_chain(walk: _Walk, entry: Entry) -> bool:
+    """The entry links to the previous one, its raft index rises and its hash recomputes."""
+    state, seq = walk.state, entry.seq
+    intact = True
+    if entry.prev_hash != walk.prev_hash:
+        state.add("chain", "prev_hash does not match the previous entry's hash", seq)
+        intact = False
+    if type(entry.raft_index) is not int or entry.raft_index <= walk.prev_raft:
+        state.add("chain", f"raft_index {entry.raft_index} does not increase", seq)
+        intact = False
+    try:
+        recomputed = compute_entry_hash(
+            entry.seq, entry.kind, entry.payload, entry.raft_index, entry.prev_hash,
+            entry.key_id,
+        )
+    except (CanonicalError, TypeError) as exc:
+        recomputed = None
+        state.add("hash", f"payload has no canonical encoding: {exc}", seq)
+        intact = False
+    if recomputed is not None and recomputed != entry.entry_hash:
+        state.add("hash", "entry_hash does not match the entry's contents", seq)
+        intact = False
+    return intact
+
+
+def _check_introduced_key(
+    walk: _Walk, entry: Entry, position: int
+) -> tuple[bytes | None, bool]:
+    """The key a genesis or rotation entry introduces (None if unusable), and whether the
+    entry is intact as far as that key goes. Without a pin, the genesis key takes force."""
+    if position != 0 and entry.kind not in (GENESIS, KEY_ROTATION):
+        return None, True
+    new_key = _introduced_key(entry, position, walk.state)
+    if position != 0:
+        return new_key, True
+    if new_key is None:
+        return None, False
+    if walk.pinned is not None and new_key != walk.pinned:
+        walk.state.add("key", "genesis public key differs from the pinned key", entry.seq)
+        return new_key, False
+    if walk.pinned is None:
+        walk.cur_key, walk.cur_kid = new_key, key_id_for(new_key)
+    return new_key, True
+
+
+def _check_signature(walk: _Walk, entry: Entry) -> bool:
+    """The entry is signed by the key in force at its seq."""
+    seq, cur_kid = entry.seq, walk.cur_kid
+    if walk.cur_key is None:
+        walk.state.add("signature", "no audit key is in force (genesis unusable)", seq)
+        return False
+    if entry.key_id != cur_kid:
+        walk.state.add(
+            "signature", f"claims key {entry.key_id!r} but key {cur_kid!r} is in force", seq
+        )
+        return False
+    if not _signature_ok(walk.checker, walk.cur_key, entry):
+        walk.state.add("signature", f"signature is not valid for key {cur_kid}", seq)
+        return False
+    walk.counts["signatures"] += 1
+    return True
+
+
+def _follow_key_chain(
+    walk: _Walk, entry: Entry, position: int, new_key: bytes | None, intact: bool
+) -> None:
+    """Record the genesis key, and put an intact rotation's key in force after its entry."""
+    if position == 0 and walk.cur_key is not None and walk.cur_kid is not None:
+        walk.keys.append(KeyInForce(walk.cur_kid, walk.cur_key.hex(), entry.seq))
+    if entry.kind == KEY_ROTATION and position > 0 and new_key is not None and intact:
+        walk.cur_key, walk.cur_kid = new_key, key_id_for(new_key)
+        walk.keys.append(KeyInForce(walk.cur_kid, new_key.hex(), entry.seq + 1))
+        walk.counts["key_rotations"] += 1
+
+
+def _check_claims(walk: _Walk, entry: Entry, intact: bool) -> None:
+    """Count rounds, and check the blob, charges and lineage the entry records."""
+    kind = entry.kind
+    if intact:
+        if kind == ROUND_OPENED:
+            walk.counts["rounds_opened"] += 1
+        elif kind == ROUND_ABORTED:
+            walk.counts["rounds_aborted"] += 1
+        elif kind == ROUND_COMMITTED:
+            walk.counts["rounds_committed"] += 1
+        if kind in (MODEL_GENESIS, ROUND_COMMITTED) and walk.blobs is not None:
+            walk.blobs.check(entry, _reporter(walk.state, "blob"))
+    if kind in _CHARGE_KINDS:
+        if walk.charges is not None:
+            # A damaged entry is already reported: follow its charges unjudged, so the
+            # sites' histories stay whole for the entries after it.
+            walk.charges.observe(entry, _reporter(walk.state, "charge") if intact else None)
+        elif isinstance(entry.payload.get("charges"), dict):
+            walk.counts["charges_unchecked"] += len(entry.payload["charges"])
+    if walk.lineage is not None and kind in (MODEL_GENESIS, ROUND_COMMITTED):
+        # A damaged entry is already reported; follow its claims without judging them
+        # so that one bad entry does not cascade into lineage issues further on.
+        walk.lineage.observe(entry, _reporter(walk.state, "lineage") if intact else None)
+
+
+def _advance(walk: _Walk, entry: Entry) -> None:
+    """Add the entry to the Merkle tree and move the walk past it."""
+    walk.acc.append(_hash_bytes(entry.entry_hash))
+    if walk.acc.size in walk.wanted_sizes:
+        walk.heads[walk.acc.size] = (walk.acc.root().hex(), walk.cur_key, walk.cur_kid)
+    walk.prev_hash = entry.entry_hash
+    walk.prev_raft = entry.raft_index if type(entry.raft_index) is int else walk.prev_raft
+    walk.expected_seq += 1
+    walk.last = entry
+
+
+def _finish_walk(walk: _Walk) -> None:
+    """Totals of the walk, and the warnings an empty or unpinned log earns."""
+    size = walk.acc.size
+    walk.counts["entries"] = size
+    if walk.blobs is not None:
+        walk.counts["blobs"] = walk.blobs.found
+    if walk.charges is not None:
+        walk.counts["charges"] = walk.charges.checked
     if size == 0:
-        warnings.append("the log is empty")
-    if pinned is None:
-        warnings.append(
+        walk.warnings.append("the log is empty")
+    if walk.pinned is None:
+        walk.warnings.append(
             "genesis key not pinned: the log is only shown to be self-consistent; "
             "pass the cluster's audit public key to rule out a rewrite under a new key"
         )
 
+
+def _check_checkpoints(walk: _Walk, cps: Sequence[Checkpoint]) -> int | None:
+    """Each checkpoint's root and signature against the walk's tree; returns the largest
+    tree size signed beyond the log's end (its tail was deleted), if any."""
+    state, size = walk.state, walk.acc.size
     truncated_to: int | None = None
     for cp in cps:
         if type(cp.tree_size) is not int or cp.tree_size <= 0:
@@ -353,21 +424,28 @@ def verify_log(
         if cp.tree_size > size:
             truncated_to = max(truncated_to or 0, cp.tree_size)
             continue
-        root_hex, key, kid = heads[cp.tree_size]
+        root_hex, key, kid = walk.heads[cp.tree_size]
         if cp.root_hash != root_hex:
             state.add(
                 "checkpoint",
                 f"signed root at tree size {cp.tree_size} does not match the entries",
                 cp=cp.tree_size,
             )
-        elif key is None or cp.key_id != kid or not _checkpoint_sig_ok(checker, key, cp):
+        elif key is None or cp.key_id != kid or not _checkpoint_sig_ok(walk.checker, key, cp):
             state.add(
                 "checkpoint",
                 f"checkpoint at tree size {cp.tree_size} is not signed by key {kid}",
                 cp=cp.tree_size,
             )
         else:
-            counts["checkpoints"] += 1
+            walk.counts["checkpoints"] += 1
+    return truncated_to
+
+
+def _check_truncation(
+    state: _State, size: int, truncated_to: int | None, expected_size: int | None
+) -> None:
+    """A log shorter than a signed checkpoint, or than the size the caller expects."""
     if truncated_to is not None:
         state.add(
             "truncation",
@@ -381,8 +459,10 @@ def verify_log(
             size,
         )
 
-    for issue in extra_issues:
-        state.add(issue.check, issue.reason, issue.seq, issue.checkpoint)
+
+def _assemble_report(walk: _Walk) -> VerifyReport:
+    """The report: ok, the first bad entry and checkpoint, the headline reason, and all."""
+    state, warnings, last = walk.state, walk.warnings, walk.last
     first: Issue | None = None
     first_cp: Issue | None = None
     for issue in state.issues:
@@ -400,12 +480,12 @@ def verify_log(
         first_bad_seq=first.seq if first else None,
         reason=headline.reason if headline else None,
         bad_checkpoint=first_cp.checkpoint if first_cp else None,
-        counts=counts,
+        counts=walk.counts,
         issues=state.issues,
-        keys=keys,
+        keys=walk.keys,
         head_seq=last.seq if last else None,
         head_hash=last.entry_hash if last else None,
-        genesis_pinned=pinned is not None,
+        genesis_pinned=walk.pinned is not None,
         warnings=warnings,
     )
 
@@ -494,66 +574,10 @@ def _introduced_key(entry: Entry, position: int, state: _State) -> bytes | None:
     return key
 
 
-def _check_blob(
-    entry: Entry,
-    lookup: BlobLookup,
-    require: bool,
-    seen: dict[str, str | None],
-    counts: dict[str, int],
-    state: _State,
-) -> None:
-    version = entry.payload.get("version")
-    if not isinstance(version, str) or not is_sha256_hex(version):
-        state.add("blob", f"model version {version!r} is not a sha256 hex digest", entry.seq)
-        return
-    if version not in seen:
-        path = lookup(version)
-        seen[version] = sha256_file(path) if path is not None else None
-        if path is not None:
-            counts["blobs"] += 1
-    actual = seen[version]
-    if actual is None:
-        if require:
-            state.add("blob", f"blob {version[:16]}... is missing", entry.seq)
-    elif actual != version:
-        state.add(
-            "blob", f"blob {version[:16]}... hashes to {actual[:16]}... (replaced)", entry.seq
-        )
+def _reporter(state: _State, check: str) -> Callable[[str, int], None]:
+    """A (reason, seq) callback that files issues under ``check``."""
 
-
-def _check_lineage(
-    entry: Entry,
-    head: str | None,
-    committed: set[int],
-    state: _State | None,
-    warnings: list[str],
-) -> str | None:
-    payload = entry.payload
-    version = payload.get("version")
-    if entry.kind == MODEL_GENESIS:
-        return version if isinstance(version, str) else head
-    parent = payload.get("parent")
-    rnd = payload.get("round")
-    if state is None:
-        pass
-    elif head is None:
-        warnings.append(f"seq {entry.seq}: first committed version has no model_genesis entry")
-    elif parent != head:
-        state.add(
-            "lineage",
-            f"round {rnd} builds on {str(parent)[:16]}..., but the latest version is"
-            f" {head[:16]}...",
-            entry.seq,
-        )
-    if isinstance(rnd, int):
-        if rnd in committed and state is not None:
-            state.add("lineage", f"round {rnd} is committed a second time", entry.seq)
-        committed.add(rnd)
-    return version if isinstance(version, str) else head
-
-
-def _charge_reporter(state: _State) -> Callable[[str, int], None]:
     def report(reason: str, seq: int) -> None:
-        state.add("charge", reason, seq)
+        state.add(check, reason, seq)
 
     return report
