@@ -1,0 +1,40 @@
+"""`fedraft certs`: a federation CA and role certificates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from coordinator.cluster import pki
+from coordinator.commands.common import EXIT_USAGE, console, err
+
+certs_app = typer.Typer(help="A federation CA and role certificates.", no_args_is_help=True)
+
+
+@certs_app.command("init")
+def certs_init(directory: Annotated[Path, typer.Argument(help="where ca.pem and ca.key go")]) -> None:
+    """Create a federation CA (keep ca.key offline in production)."""
+    try:
+        path = pki.init_ca(directory)
+    except FileExistsError as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(EXIT_USAGE) from None
+    console.print(f"CA certificate {path}")
+
+
+@certs_app.command("issue")
+def certs_issue(
+    role: Annotated[str, typer.Argument(help="node, client, operator or auditor")],
+    name: Annotated[str, typer.Argument(help="common name, e.g. n1 or hospital-a")],
+    ca_dir: Annotated[Path, typer.Option("--ca-dir", help="directory holding ca.pem/ca.key")],
+    out: Annotated[Path, typer.Option("--out", help="output directory")] = Path("."),
+    host: Annotated[list[str] | None, typer.Option("--host", help="SAN (repeat)")] = None,
+) -> None:
+    """Issue a key and certificate for one party, its role bound into the certificate."""
+    if role not in pki.ROLES:
+        err.print(f"[red]role must be one of {', '.join(pki.ROLES)}[/]")
+        raise typer.Exit(EXIT_USAGE)
+    ident = pki.issue(ca_dir, out, role, name, tuple(host or ("127.0.0.1", "localhost")))
+    console.print(f"{ident.cert} and {ident.key}")

@@ -1,0 +1,154 @@
+"""`fedraft cluster`: inspect the Raft cluster and change its members."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from coordinator.cluster.config import ConfigError
+from coordinator.commands.common import (
+    EXIT_REFUSED,
+    EXIT_TIMEOUT,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    AdminOpt,
+    CaOpt,
+    CertOpt,
+    ConfigOpt,
+    JsonOpt,
+    KeyOpt,
+    console,
+    emit,
+    err,
+    operator_client,
+    run,
+)
+from coordinator.ops.admin_client import Refused, Unreachable
+
+cluster_app = typer.Typer(help="Inspect the Raft cluster and change its members.", no_args_is_help=True)
+
+
+@cluster_app.command("status")
+def cluster_status(config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt = None,
+                   cert: CertOpt = None, key: KeyOpt = None, as_json: JsonOpt = False) -> None:
+    """Leader, term, commit index, nodes and clients online."""
+    c = operator_client(config, admin, ca, cert, key)
+    first = run(lambda: c.call("Status"))
+    nodes = []
+    for n in first["nodes"]:
+        try:
+            if not n["admin"]:  # added moments ago, its endpoints not recorded yet
+                raise Unreachable(f"no admin endpoint recorded for {n['id']}")
+            s = c.call("Status", endpoint=n["admin"])
+            nodes.append({"id": n["id"], "state": s["raft"]["state"], "term": s["raft"]["term"],
+                          "commit_index": s["raft"]["commit_index"], "reachable": True,
+                          "admin": n["admin"]})
+            if s["raft"]["state"] == "leader":
+                first = s
+        except (Unreachable, Refused):
+            nodes.append({"id": n["id"], "reachable": False, "admin": n["admin"]})
+    leader_status = first
+    out = {
+        "leader": leader_status["leader"], "term": leader_status["raft"]["term"],
+        "commit_index": leader_status["raft"]["commit_index"], "nodes": nodes,
+        "clients_online": leader_status.get("clients_online"),
+        "sites_enrolled": leader_status["state"]["sites"],
+        "last_round": leader_status["state"]["last_round"],
+        "leader_changes": leader_status["state"]["leader_changes"],
+    }
+    if as_json:
+        emit(out)
+        return
+    t = Table(title=f"leader {out['leader']}  term {out['term']}  commit {out['commit_index']}")
+    for col in ("node", "state", "term", "commit index", "admin"):
+        t.add_column(col)
+    for n in nodes:
+        t.add_row(n["id"], n.get("state", "[red]unreachable[/]"), str(n.get("term", "-")),
+                  str(n.get("commit_index", "-")), n["admin"] or "-")
+    console.print(t)
+    online = out["clients_online"]
+    console.print(f"sites enrolled {out['sites_enrolled']}, online "
+                  f"{len(online) if online is not None else '?'}: {', '.join(online or [])}")
+
+
+ChangeTimeoutOpt = Annotated[float, typer.Option(
+    "--timeout", min=1.0, max=300.0, help="seconds the change may take")]
+
+
+def _membership(fn: Callable[[], Any], as_json: bool, done: Callable[[Any], str]) -> None:
+    """Run one membership change: 0 done, 1 refused, 3 unreachable, 4 timed out."""
+    try:
+        r = fn()
+    except Refused as exc:
+        if as_json:
+            emit(exc.reply)
+        err.print(f"[red]refused ({exc.code}):[/] {exc}")
+        raise typer.Exit(EXIT_TIMEOUT if exc.code == "timeout" else EXIT_REFUSED) from None
+    except Unreachable as exc:
+        err.print(f"[red]unreachable:[/] {exc}")
+        raise typer.Exit(EXIT_UNREACHABLE) from None
+    emit(r) if as_json else console.print(done(r))
+
+
+def _node_address(value: str, what: str) -> str:
+    from coordinator.cluster.config import host_port
+
+    try:
+        return host_port(value, what)
+    except ConfigError as exc:
+        err.print(f"[red]usage error:[/] {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+@cluster_app.command("add-node")
+def cluster_add_node(
+    node: Annotated[str, typer.Argument(help="the new node's Raft HOST:PORT")],
+    node_admin: Annotated[str | None, typer.Option(
+        "--node-admin", help="the new node's admin host:port (default: found among the admin "
+        "endpoints)")] = None,
+    timeout: ChangeTimeoutOpt = 30.0,
+    config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt = None, cert: CertOpt = None,
+    key: KeyOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Add a running node (started with every member and itself as peers) to the cluster."""
+    raft = _node_address(node, "node")
+    node_admin = None if node_admin is None else _node_address(node_admin, "--node-admin")
+    c = operator_client(config, admin, ca, cert, key)
+    _membership(lambda: c.add_node(raft, node_admin, timeout), as_json, lambda r: (
+        f"added [bold]{r['node_id']}[/] ({r['node']}); members: {', '.join(r['members'])}"
+        + ("" if r.get("caught_up") else " [yellow](still catching up)[/]")))
+
+
+@cluster_app.command("remove-node")
+def cluster_remove_node(
+    node: Annotated[str, typer.Argument(help="the member's Raft HOST:PORT (or its id)")],
+    transfer: Annotated[bool, typer.Option(
+        help="if it is the leader, hand leadership to another member first")] = True,
+    timeout: ChangeTimeoutOpt = 30.0,
+    config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt = None, cert: CertOpt = None,
+    key: KeyOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Remove a member from the cluster; then stop its process."""
+    c = operator_client(config, admin, ca, cert, key)
+    _membership(lambda: c.remove_node(node, transfer, timeout), as_json, lambda r: (
+        (f"leadership handed to {r['transferred_to']}; " if r.get("transferred_to") else "")
+        + f"removed [bold]{r['node_id']}[/] ({r['node']}); members: {', '.join(r['members'])}"
+        + "; stop its process now"))
+
+
+@cluster_app.command("transfer-leader")
+def cluster_transfer_leader(
+    node: Annotated[str | None, typer.Argument(
+        help="the member to lead (id or Raft HOST:PORT); default: the most caught-up")] = None,
+    timeout: ChangeTimeoutOpt = 30.0,
+    config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt = None, cert: CertOpt = None,
+    key: KeyOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Hand Raft leadership to another member (before maintenance on the leader)."""
+    c = operator_client(config, admin, ca, cert, key)
+    _membership(lambda: c.transfer_leader(node, timeout), as_json, lambda r: (
+        f"leader is now [bold]{r['leader']}[/]" if r.get("changed")
+        else f"[bold]{r['leader']}[/] already leads"))

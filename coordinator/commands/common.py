@@ -1,0 +1,57 @@
+"""What every `fedraft` command group shares: consoles, options, exit codes, helpers.
+
+Exit codes: 0 done; 1 the cluster refused (the reply's error is printed); 2 bad usage
+or configuration; 3 no node answered; 4 a wait timed out.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from coordinator.cluster.config import ConfigError
+from coordinator.ops.admin_client import AdminClient, Refused, Unreachable, load_operator_config
+
+EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 1, 2, 3, 4
+
+console = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="operator TOML (env FEDRAFT_CONFIG)")]
+AdminOpt = Annotated[str | None, typer.Option("--admin", help="host:port[,host:port] (env FEDRAFT_ADMIN)")]
+CaOpt = Annotated[Path | None, typer.Option("--ca", help="CA certificate (env FEDRAFT_CA)")]
+CertOpt = Annotated[Path | None, typer.Option("--cert", help="operator certificate (env FEDRAFT_CERT)")]
+KeyOpt = Annotated[Path | None, typer.Option("--key", help="operator key (env FEDRAFT_KEY)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object")]
+
+
+def operator_client(config: Path | None, admin: str | None, ca: Path | None, cert: Path | None,
+                    key: Path | None) -> AdminClient:
+    """The admin client the connection options describe; exit 2 on a configuration error."""
+    try:
+        return AdminClient(load_operator_config(config, admin, ca, cert, key))
+    except ConfigError as exc:
+        err.print(f"[red]configuration error:[/] {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+def run(fn: Callable[[], Any]) -> Any:
+    """Map cluster errors to exit codes with a clear message."""
+    try:
+        return fn()
+    except Refused as exc:
+        err.print(f"[red]refused ({exc.code}):[/] {exc}")
+        raise typer.Exit(EXIT_REFUSED) from None
+    except Unreachable as exc:
+        err.print(f"[red]unreachable:[/] {exc}")
+        raise typer.Exit(EXIT_UNREACHABLE) from None
+
+
+def emit(obj: dict[str, Any]) -> None:
+    """Print one JSON object (the `--json` output)."""
+    print(json.dumps(obj, sort_keys=True, default=str))

@@ -1,0 +1,61 @@
+"""`fedraft model`: upload the genesis model, export versions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from coordinator import wire
+from coordinator.commands.common import (
+    EXIT_REFUSED,
+    AdminOpt,
+    CaOpt,
+    CertOpt,
+    ConfigOpt,
+    JsonOpt,
+    KeyOpt,
+    console,
+    emit,
+    err,
+    operator_client,
+    run,
+)
+
+model_app = typer.Typer(help="Upload the genesis model, export versions.", no_args_is_help=True)
+
+
+@model_app.command("init")
+def model_init(path: Annotated[Path, typer.Argument(help="safetensors file of float32 tensors")],
+               config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt = None,
+               cert: CertOpt = None, key: KeyOpt = None, as_json: JsonOpt = False) -> None:
+    """Upload version 0 (fedraft-client init-model --task T writes one)."""
+    c = operator_client(config, admin, ca, cert, key)
+    data = path.read_bytes()
+    r = run(lambda: c.call("InitModel", {"data": data}))
+    emit(r) if as_json else console.print(f"genesis model {r['version']}")
+
+
+@model_app.command("export")
+def model_export(version: str, output: Annotated[Path, typer.Option("-o", "--output")],
+                 config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt = None,
+                 cert: CertOpt = None, key: KeyOpt = None, as_json: JsonOpt = False) -> None:
+    """Write a model version (full sha256, a unique prefix, or 'latest') to a file."""
+    c = operator_client(config, admin, ca, cert, key)
+    st = run(lambda: c.call("RoundStatus"))
+    hashes = [v["hash"] for v in st["versions"]]
+    if version == "latest" and hashes:
+        matches = [hashes[-1]]
+    else:
+        matches = [h for h in hashes if h.startswith(version.lower())]
+    if len(matches) != 1:
+        err.print(f"[red]{'no' if not matches else 'ambiguous'} version {version!r}[/]")
+        raise typer.Exit(EXIT_REFUSED)
+    r = run(lambda: c.call("GetBlob", {"hash": matches[0]}))
+    if wire.sha256_hex(r["data"]) != matches[0]:
+        err.print("[red]the node sent bytes that do not match the version hash[/]")
+        raise typer.Exit(EXIT_REFUSED)
+    output.write_bytes(r["data"])
+    out = {"version": matches[0], "path": str(output), "bytes": len(r["data"])}
+    emit(out) if as_json else console.print(f"wrote {output} ({len(r['data'])} bytes)")
