@@ -11,9 +11,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -21,7 +20,7 @@ from rich.console import Console
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
-from client.config import SiteConfig, SiteConfigError, load_site_config  # noqa: E402
+from client.config import PrivacyConfig, SiteConfig, SiteConfigError, load_site_config  # noqa: E402
 
 if TYPE_CHECKING:
     from client.training import LocalTrainer
@@ -34,18 +33,18 @@ log = logging.getLogger(__name__)
 
 
 def _trainer_from_config(cfg: SiteConfig) -> LocalTrainer:
+    """The site's trainer: a built-in task or a hosted Flower app, inside record-level or
+    client-level DP when site.toml gives the site a budget of its own ([privacy])."""
     if cfg.flower_app:
-        from client.flower_host import FlowerAppTrainer
+        from client.training.flower_host import FlowerAppTrainer
 
-        if cfg.privacy:
-            _check_client_level_privacy(cfg.privacy)
         node_config = {"partition-id": cfg.data.get("partition", 0),
                        "num-partitions": cfg.data.get("num_partitions", 1)}
         hosted = FlowerAppTrainer(cfg.flower_app, run_config={}, node_config=node_config)
-        if not cfg.privacy:
+        if cfg.privacy is None:
             return hosted
-        return _client_level_dp(cfg, hosted)
-    from client.tasks import make_trainer
+        return _client_level_dp(cfg, cfg.privacy, hosted)
+    from client.training.tasks import make_trainer
 
     d = cfg.data
     trainer = make_trainer(cfg.task, site_index=d.get("partition", 0),
@@ -53,46 +52,33 @@ def _trainer_from_config(cfg: SiteConfig) -> LocalTrainer:
                            alpha=d.get("alpha", 0.5), seed=d.get("seed", cfg.seed),
                            device=cfg.device)
     p = cfg.privacy
-    if "epsilon" not in p:
+    if p is None:
         return trainer
-    from client.dp import DPTorchTrainer
+    from client.dp.record_level import DPTorchTrainer
 
     # Record-level DP-SGD: one PrivacyEngine for the site's whole training; its
     # accountant history lives in the state dir, so a restarted agent continues it.
-    return DPTorchTrainer(trainer, epsilon=p["epsilon"], delta=p.get("delta", 1e-5),
-                          planned_rounds=p.get("planned_rounds", 10),
+    return DPTorchTrainer(trainer, epsilon=p.epsilon, delta=p.delta,
+                          planned_rounds=p.planned_rounds,
                           state_path=cfg.state_dir / "dp-accountant.json",
-                          clip_norm=p.get("clip_norm", 1.0), sample_rate=p.get("sample_rate"),
-                          local_epochs=p.get("local_epochs"))
+                          clip_norm=p.clip_norm, sample_rate=p.sample_rate,
+                          local_epochs=p.local_epochs)
 
 
-def _check_client_level_privacy(p: Mapping[str, Any]) -> None:
-    """A Flower app trains by itself, so only [privacy] keys of client-level DP apply;
-    record-level keys would silently promise what is not done."""
-    for key in ("sample_rate", "local_epochs"):
-        if key in p:
-            raise SiteConfigError(f"privacy.{key}: applies to record-level DP-SGD of built-in "
-                                  "tasks; a Flower app gets client-level DP (its whole update "
-                                  "is clipped and noised once a round)")
-    if "epsilon" not in p:
-        raise SiteConfigError("privacy.epsilon: required for client-level DP of a Flower app")
+def _client_level_dp(cfg: SiteConfig, p: PrivacyConfig, hosted: LocalTrainer) -> LocalTrainer:
+    from client.dp.client_level import ClientLevelDPTrainer
 
-
-def _client_level_dp(cfg: SiteConfig, hosted: LocalTrainer) -> LocalTrainer:
-    from client.client_dp import ClientLevelDPTrainer
-
-    p = cfg.privacy
     # Same ledger file as DP-SGD: one site, one history, as on the replicated ledger.
-    trainer = ClientLevelDPTrainer(hosted, epsilon=p["epsilon"], delta=p.get("delta", 1e-5),
-                                   planned_rounds=p.get("planned_rounds", 10),
+    trainer = ClientLevelDPTrainer(hosted, epsilon=p.epsilon, delta=p.delta,
+                                   planned_rounds=p.planned_rounds,
                                    state_path=cfg.state_dir / "dp-accountant.json",
-                                   clip_norm=p.get("clip_norm", 1.0))
+                                   clip_norm=p.clip_norm)
     log.warning("privacy: site %s hosts a Flower app, so its DP guarantee is CLIENT-LEVEL "
                 "(the whole update of each round clipped to L2 norm %g, Gaussian noise "
                 "multiplier %.3f), not record-level: epsilon %g, delta %g over %d planned "
                 "rounds (spent so far %.3f)", cfg.site_id, trainer.clip_norm,
                 trainer.noise_multiplier, trainer.epsilon_budget, trainer.delta,
-                p.get("planned_rounds", 10), trainer.epsilon_spent)
+                p.planned_rounds, trainer.epsilon_spent)
     return trainer
 
 
@@ -104,7 +90,8 @@ def run(
     log_level: Annotated[str, typer.Option()] = "info",
 ) -> None:
     """Join the federation and serve round tasks until stopped."""
-    from client.agent import Agent, load_identity_key
+    from client.agent import Agent
+    from client.store import load_identity_key
 
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -138,7 +125,7 @@ def run(
 @app.command()
 def keygen(out: Annotated[Path, typer.Option("--out", "-o", help="private key file (PEM)")]) -> None:
     """Create the site's Ed25519 identity key; prints the public key to enroll."""
-    from client.agent import write_identity_key
+    from client.store import write_identity_key
     from coordinator.wire import public_key_hex
 
     try:
@@ -167,11 +154,11 @@ def import_(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Unpack an enrollment bundle into a site directory with a ready site.toml."""
-    from client.bundle import BundleError, import_bundle
+    from client.enroll import BundleError, import_bundle
 
     try:
         if task is not None:
-            from client.tasks import TASKS
+            from client.training.tasks import TASKS
 
             if task not in TASKS:
                 raise BundleError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
@@ -208,11 +195,11 @@ def init_model(
         err.print("[red]give exactly one of --task and --flower-app[/]")
         raise typer.Exit(2)
     if flower_app is not None:
-        from client.flower_host import FlowerAppTrainer
+        from client.training.flower_host import FlowerAppTrainer
 
         params = FlowerAppTrainer(flower_app).initial_parameters()
     else:
-        from client.tasks import TASKS, build_model, get_parameters
+        from client.training.tasks import TASKS, build_model, get_parameters
 
         if task not in TASKS:
             err.print(f"[red]unknown task {task!r}; choose one of {', '.join(TASKS)}[/]")
@@ -230,7 +217,7 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Accuracy of model files on the task's global held-out test split (simulations)."""
-    from client.tasks import evaluate_global
+    from client.training.tasks import evaluate_global
     from coordinator.wire import decode_model
 
     acc = [evaluate_global(task, decode_model(p.read_bytes())) for p in models]

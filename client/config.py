@@ -1,4 +1,10 @@
-"""Site agent configuration: site.toml with FEDRAFT_<SECTION>_<KEY> overrides."""
+"""Site agent configuration: site.toml with FEDRAFT_<SECTION>_<KEY> overrides.
+
+Everything is checked here, when the file is read, so that a bad value is refused naming
+its key, not deep inside training: types, ranges, endpoints, the site id (the wire
+schema's `SITE_ID`, as enrollment and certificates know it) and which [privacy] keys apply
+to the task the site runs (`PrivacyConfig.from_section`).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +12,53 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coordinator import wire
+
 
 class SiteConfigError(ValueError):
     """A bad site configuration value; the message starts with the dotted key."""
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """The site's own privacy budget ([privacy]) and how its DP trainer spends it; the DP
+    defaults are written here and nowhere else.
+
+    A built-in task trains with record-level DP-SGD (all six keys apply); a Flower app
+    gets client-level DP, where `sample_rate` and `local_epochs` mean nothing."""
+
+    epsilon: float
+    delta: float = 1e-5
+    planned_rounds: int = 10
+    clip_norm: float = 1.0
+    sample_rate: float | None = None
+    local_epochs: int | None = None
+
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any], *, flower_app: bool) -> PrivacyConfig | None:
+        """The [privacy] section (its types and ranges checked by the loader) of a site that
+        hosts a Flower app or runs a built-in task; None when the site trains without DP."""
+        if not section:
+            return None
+        if flower_app:
+            # A Flower app trains by itself, so only keys of client-level DP apply;
+            # record-level keys would silently promise what is not done.
+            for key in ("sample_rate", "local_epochs"):
+                if key in section:
+                    raise SiteConfigError(
+                        f"privacy.{key}: applies to record-level DP-SGD of built-in tasks; a "
+                        "Flower app gets client-level DP (its whole update is clipped and "
+                        "noised once a round)")
+            if "epsilon" not in section:
+                raise SiteConfigError("privacy.epsilon: required for client-level DP of a Flower app")
+        elif "epsilon" not in section:
+            return None  # a built-in task without a budget trains without DP, as it always has
+        return cls(**section)
 
 
 @dataclass(frozen=True)
@@ -32,7 +77,7 @@ class SiteConfig:
     data: dict[str, Any] = field(default_factory=dict)
     poll_wait_s: float = 5.0
     threads: int = 1
-    privacy: dict[str, Any] = field(default_factory=dict)
+    privacy: PrivacyConfig | None = None
 
 
 _SECTIONS = {
@@ -62,7 +107,6 @@ _RANGES: dict[tuple[str, str], tuple[Callable[[float], bool], str]] = {
     ("data", "alpha"): (lambda v: v > 0, "> 0"),
     ("data", "seed"): (lambda v: v >= 0, ">= 0"),
 }
-SITE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # as the coordinator's state machine
 _ENDPOINT = re.compile(r"[A-Za-z0-9_.-]{1,253}:[0-9]{1,5}|\[[0-9A-Fa-f:.]{2,45}\]:[0-9]{1,5}")
 
 
@@ -131,7 +175,7 @@ def load_site_config(path: Path) -> SiteConfig:
     nodes = need("site", "nodes")
     if not nodes or not all(_endpoint(n) for n in nodes):
         raise SiteConfigError("site.nodes: expected a list of host:port fleet endpoints")
-    if not SITE_ID.fullmatch(need("site", "id")):
+    if not wire.SITE_ID.fullmatch(need("site", "id")):
         raise SiteConfigError("site.id: 1-64 letters, digits, '_', '.' or '-', not starting "
                               "with a punctuation mark")
     data = values["data"]
@@ -156,5 +200,5 @@ def load_site_config(path: Path) -> SiteConfig:
         data=values["data"],
         poll_wait_s=values["site"].get("poll_wait_s", 5.0),
         threads=values["task"].get("threads", 1),
-        privacy=values["privacy"],
+        privacy=PrivacyConfig.from_section(values["privacy"], flower_app=flower_app is not None),
     )

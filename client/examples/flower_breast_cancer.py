@@ -38,7 +38,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from client.data import SiteData, site_data  # noqa: E402
+from client.training.data import SiteData, site_data  # noqa: E402
 
 app = ClientApp()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from client.agent import DurableState
+from client.store import DurableState
 from coordinator import wire
 
 

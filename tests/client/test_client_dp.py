@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from client.client_dp import CLIENT_LEVEL_METRIC, ClientLevelDPTrainer
-from client.config import SiteConfig, SiteConfigError
-from client.dp import BudgetExceeded, DPStateError
+from client.config import PrivacyConfig, SiteConfig, SiteConfigError
+from client.dp.client_level import CLIENT_LEVEL_METRIC, ClientLevelDPTrainer
+from client.dp.ledger import BudgetExceeded, DPStateError
 from client.training import EvalResult, FitResult, Parameters
 from privacy.accounting import DPStep, epsilon_spent
 
@@ -175,7 +175,7 @@ def test_unreadable_state_is_an_error_not_a_reset(tmp_path: Path) -> None:
 
 
 def test_hosted_flower_app_releases_client_level_updates(tmp_path: Path) -> None:
-    from client.flower_host import FlowerAppTrainer
+    from client.training.flower_host import FlowerAppTrainer
 
     # constructed as tests/client/test_flower_host.py does
     app = FlowerAppTrainer(FLOWER_APP, run_config={}, node_config={"partition-id": 0, "num-partitions": 5})
@@ -201,18 +201,19 @@ def test_hosted_flower_app_releases_client_level_updates(tmp_path: Path) -> None
 
 
 def _flower_site(tmp_path: Path, privacy: dict[str, Any]) -> SiteConfig:
+    """A Flower site whose [privacy] section is `privacy`, checked as site.toml's is."""
     return SiteConfig(site_id="s1", nodes=("localhost:1",), state_dir=tmp_path / "state",
                       identity_key=tmp_path / "id.pem", ca=tmp_path / "ca.pem",
                       cert=tmp_path / "c.pem", key=tmp_path / "c.key", task=None,
-                      flower_app=FLOWER_APP,
-                      data={"partition": 1, "num_partitions": 3}, privacy=privacy)
+                      flower_app=FLOWER_APP, data={"partition": 1, "num_partitions": 3},
+                      privacy=PrivacyConfig.from_section(privacy, flower_app=True))
 
 
 def test_site_config_wraps_a_flower_app_in_client_level_dp(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from client.cli import _trainer_from_config
-    from client.flower_host import FlowerAppTrainer
+    from client.training.flower_host import FlowerAppTrainer
 
     with caplog.at_level(logging.INFO, logger="client.cli"):
         trainer = _trainer_from_config(

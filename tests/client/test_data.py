@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.data import (
+from client.training.data import (
     BREAST_CANCER_RANGES,
     DATASETS,
     global_split,
@@ -98,7 +98,7 @@ def test_partition_disjoint_covering_deterministic_min_size(
 
 def test_partition_min_size_repair_when_redraws_fail(monkeypatch: pytest.MonkeyPatch) -> None:
     # alpha=0.01 over 40 sites of 455 records: every draw leaves some site nearly empty
-    import client.data as data
+    import client.training.data as data
 
     repairs = []
     real_top_up = data._top_up

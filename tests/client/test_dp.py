@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from client.dp import BudgetExceeded, ClientLevelDP, DPStateError, DPTorchTrainer
-from client.tasks import get_parameters, make_trainer
+from client.dp.client_level import ClientLevelDP
+from client.dp.ledger import BudgetExceeded, DPStateError
+from client.dp.record_level import DPTorchTrainer
+from client.training.tasks import get_parameters, make_trainer
 from privacy.accounting import DPStep, epsilon_spent
 
 DELTA = 1e-5

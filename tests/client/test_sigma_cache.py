@@ -4,7 +4,7 @@ that does not fit its plan."""
 import json
 import time
 
-from client.sigma_cache import planned_noise_multiplier
+from client.dp.sigma_cache import planned_noise_multiplier
 from privacy.accounting import DPStep, epsilon_spent, noise_multiplier_for
 
 PLAN = (3.0, 1e-5, 0.25, 4, 5)

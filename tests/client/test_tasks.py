@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from client.tasks import (
+from client.training import FitResult, LocalTrainer, Parameters
+from client.training.tasks import (
     TASK_DEFAULTS,
     TASKS,
     TorchTaskTrainer,
@@ -16,7 +17,6 @@ from client.tasks import (
     make_trainer,
     set_parameters,
 )
-from client.training import FitResult, LocalTrainer, Parameters
 
 
 def fedavg(results: list[FitResult]) -> Parameters:
@@ -138,7 +138,7 @@ def test_get_set_parameters_round_trip() -> None:
 
 
 def test_trainer_uses_given_site_data() -> None:
-    from client.data import site_data
+    from client.training.data import site_data
 
     site = site_data("digits", 2, 3, "dirichlet", 0.1, seed=1)
     trainer = TorchTaskTrainer("digits", site, device="cpu", seed=1)

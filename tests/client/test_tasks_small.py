@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from client.data import site_data
-from client.tasks import TASK_DEFAULTS, TASKS, build_model, evaluate_global, make_trainer, task_dataset
+from client.training.data import site_data
+from client.training.tasks import (
+    TASK_DEFAULTS,
+    TASKS,
+    build_model,
+    evaluate_global,
+    make_trainer,
+    task_dataset,
+)
 
 
 def test_digits_small_trains_on_the_digits_data() -> None:

@@ -14,9 +14,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
-from client.bundle import BundleError, SiteBundle, parse_bundle, verify_bundle
-from coordinator import pki, wire
-from coordinator.bundle import build_bundle
+from client.enroll import BundleError, SiteBundle, parse_bundle, verify_bundle
+from coordinator import wire
+from coordinator.cluster import pki
+from coordinator.ops.enroll import build_bundle
 from tests.fuzz.common import count, fuzz, mutated, tweak
 
 IDENTITY = Ed25519PrivateKey.from_private_bytes(b"\x05" * 32)
@@ -84,7 +85,7 @@ def _checked(data: bytes) -> SiteBundle | None:
 @fuzz
 @given(_DOCS)
 def test_parse_and_verify_bundle(data: bytes) -> None:
-    count("client.bundle parse+verify")
+    count("client.enroll parse+verify")
     _checked(data)
 
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from client.config import _SECTIONS as SITE_SECTIONS
 from client.config import SiteConfig, SiteConfigError, load_site_config
-from coordinator.config import (
+from coordinator.cluster.config import (
     SECTIONS,
     ConfigError,
     NodeAddress,

@@ -4,24 +4,25 @@ Why one module: the ledger is what keeps the accounting honest across restarts a
 across mechanisms (a site that moves from a built-in task to a Flower app keeps one
 history), so it must be read, planned, charged and written one way. The file holds the
 plan (budget, delta, sample rate, clip, rounds, steps per round), the noise multiplier
-chosen for it and the history of ``DPStep``s. It is written atomically, and a round's
-charge is written *before* the round runs (write-ahead), so a crash can only
-over-count, never under-count. An unreadable file stops the site (``DPStateError``):
-a reset would forget the privacy already spent.
+chosen for it and the history of ``DPStep``s. It is written atomically (the site's one
+durable write, ``client.store.write_atomic``), and a round's charge is written *before*
+the round runs (write-ahead), so a crash can only over-count, never under-count. A
+charge is within the budget as the leader judges it (``within_budget``). An unreadable
+file stops the site (``DPStateError``): a reset would forget the privacy already spent.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from client.sigma_cache import planned_noise_multiplier
-from privacy.accounting import BudgetInfeasible, DPStep, epsilon_spent
+from client.dp.sigma_cache import planned_noise_multiplier
+from client.store import write_atomic
+from client.training.protocols import ChargePreview
+from privacy.accounting import BudgetInfeasible, DPStep, epsilon_spent, within_budget
 
 STATE_FORMAT = "fedraft-dp-ledger/1"
 
@@ -44,37 +45,6 @@ class BudgetExceeded(RuntimeError):
 
 class DPStateError(RuntimeError):
     """The privacy state file is unreadable or inconsistent; never silently reset."""
-
-
-class ChargePreview(NamedTuple):
-    """What a round would cost: its mechanism and its epsilon charge."""
-
-    step: DPStep
-    epsilon: float
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """tmp file in the same directory, fsync, rename, fsync the directory: a reader sees
-    the old ledger or the new one, never a torn one, even across a power cut."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _positive_finite(value: object) -> bool:
@@ -177,7 +147,9 @@ class PrivacyLedger:
             "noise_multiplier": self.sigma,
             "history": [s.to_dict() for s in self.history],
         }
-        write_atomic(self.path, json.dumps(state, indent=1, sort_keys=True).encode() + b"\n")
+        # 0600, as it always was: the history shows how the site's records were used
+        write_atomic(self.path, json.dumps(state, indent=1, sort_keys=True).encode() + b"\n",
+                     mode=0o600)
 
     @property
     def epsilon_spent(self) -> float:
@@ -196,7 +168,7 @@ class PrivacyLedger:
         BudgetExceeded (nothing written) if it would take the site past its budget."""
         spent = self.epsilon_spent
         total = epsilon_spent([*self.history, step], self.delta)
-        if total > self.budget:
+        if not within_budget(total, self.budget):  # the slack the leader allows too
             raise BudgetExceeded(spent, self.budget, max(total - spent, 0.0))
         self.history.append(step)
         try:

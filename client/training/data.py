@@ -9,7 +9,7 @@ How a dataset becomes site data
 1. ``load_dataset(name)`` gives the raw records ``X`` (float32, unscaled), labels ``y``
    (int64) and the number of classes.
 2. ``global_split(name)`` sets aside a stratified global test split (20 % by default).
-   It is never given to a site; ``client.tasks.evaluate_global`` scores every committed
+   It is never given to a site; ``client.training.tasks.evaluate_global`` scores every committed
    model on it, so the numbers of different runs are comparable.
 3. ``partition(y_train, num_sites, method, alpha, seed)`` deals the remaining records
    out to the sites, IID or with Dirichlet label skew.
@@ -296,7 +296,7 @@ def preprocess(name: str, x: np.ndarray) -> np.ndarray:
     under label skew a site's mean and spread follow its class mix, so the same
     record is mapped to different inputs at different sites and the shared model
     learns a shift that is correlated with the label. Measured with FedAvg over 5
-    sites, Dirichlet alpha=0.5, the defaults of ``client.tasks``, global test accuracy
+    sites, Dirichlet alpha=0.5, the defaults of ``client.training.tasks``, global test accuracy
     after round 10 for seeds 0/1/2: log1p + per-site standardisation 0.95/0.86/0.89
     (and oscillating from round to round); log1p + standardisation by statistics of
     the whole training split (not allowed here, an upper bound) 0.97/0.97/0.98; this

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from client.data import SiteData, global_test_data, site_data
-from client.training import EvalResult, FitResult, Parameters
+from client.training.data import SiteData, global_test_data, site_data
+from client.training.protocols import EvalResult, FitResult, Parameters
 
 TASKS: tuple[str, ...] = ("breast_cancer", "digits", "digits_small", "mnist")
 
@@ -299,7 +299,7 @@ class TorchTaskTrainer:
 
     def hyperparameters(self, config: Mapping[str, Any]) -> TaskDefaults:
         """The round's hyperparameters (``config`` over the task defaults), read the same
-        way by wrappers that run their own loop (``client.dp.DPTorchTrainer``)."""
+        way by wrappers that run their own loop (``client.dp.record_level.DPTorchTrainer``)."""
         return self._hyper(config)
 
     def train_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:

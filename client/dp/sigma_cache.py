@@ -21,6 +21,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from client.store import write_atomic
 from privacy.accounting import DPStep, epsilon_spent, noise_multiplier_for
 
 log = logging.getLogger(__name__)
@@ -65,9 +66,7 @@ def planned_noise_multiplier(epsilon_budget: float, delta: float, sample_rate: f
             pass
         sigma = compute()
         try:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"args": args, "noise_multiplier": sigma}))
-            os.replace(tmp, path)
+            write_atomic(path, json.dumps({"args": args, "noise_multiplier": sigma}).encode())
         except OSError:
             pass
         return sigma

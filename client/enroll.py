@@ -1,12 +1,13 @@
 """Import an enrollment bundle into a ready site directory (`fedraft-client import`).
 
-The operator's `fedraft client enroll --bundle` (coordinator/bundle.py) writes one JSON
+The operator's `fedraft client enroll --bundle` (coordinator/ops/enroll.py) writes one JSON
 document; this module checks everything in it before writing a byte: the site
 certificate chains to the bundle's CA and names the site with role `client`, the TLS key
 matches it, and the identity key the site holds is the one that was enrolled. A bundle
 that fails any check is refused whole, so a half-imported site never exists. The format
-constants are repeated here, not imported, because the site side may import nothing of
-the coordinator but its wire schema.
+(`BUNDLE_FORMAT`, `BUNDLE_VERSION`, `BUNDLE_FIELDS`) and the site id are the wire
+schema's, the one part of the coordinator the site imports, so both ends read them from
+one place.
 """
 
 from __future__ import annotations
@@ -30,13 +31,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
 from client.config import SiteConfig, SiteConfigError, load_site_config
+from client.store import fsync_dir, write_atomic
+from coordinator import wire
 
-FORMAT = "fedraft-site-bundle"
-VERSION = 1
 MAX_BUNDLE_BYTES = 1 << 20
-SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_FIELDS = {"format": str, "version": int, "site": str, "public_key": str, "nodes": list,
-           "ca_pem": str, "cert_pem": str, "key_pem": str, "budget": dict, "created": str}
 
 
 class BundleError(ValueError):
@@ -76,19 +74,20 @@ def parse_bundle(data: bytes) -> SiteBundle:
         raise BundleError(f"bundle is not JSON: {exc}") from None
     except RecursionError:  # json nests by recursion: "[[[[..." is no bundle
         raise BundleError("bundle is not JSON: nested too deeply") from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise BundleError(f"not a fedraft site bundle (format must be {FORMAT!r})")
-    if raw.get("version") != VERSION:
-        raise BundleError(f"bundle version {raw.get('version')!r} is not supported (want {VERSION})")
-    for name, kind in _FIELDS.items():
+    if not isinstance(raw, dict) or raw.get("format") != wire.BUNDLE_FORMAT:
+        raise BundleError(f"not a fedraft site bundle (format must be {wire.BUNDLE_FORMAT!r})")
+    if raw.get("version") != wire.BUNDLE_VERSION:
+        raise BundleError(f"bundle version {raw.get('version')!r} is not supported "
+                          f"(want {wire.BUNDLE_VERSION})")
+    for name, kind in wire.BUNDLE_FIELDS.items():
         if not isinstance(raw.get(name), kind) or isinstance(raw.get(name), bool):
             raise BundleError(f"bundle field {name!r}: missing or not a {kind.__name__}")
-    extra = sorted(set(raw) - set(_FIELDS))
+    extra = sorted(set(raw) - set(wire.BUNDLE_FIELDS))
     if extra:
         raise BundleError(f"bundle has unexpected fields: {', '.join(extra)}")
-    if not SITE_ID.match(raw["site"]):
+    if not wire.SITE_ID.match(raw["site"]):
         raise BundleError(f"bundle site id {raw['site']!r} is not a valid site id")
-    if not re.fullmatch(r"[0-9a-f]{64}", raw["public_key"]):
+    if not wire.HEX64.fullmatch(raw["public_key"]):
         raise BundleError("bundle public_key must be 64 lowercase hex characters")
     nodes = raw["nodes"]
     if not nodes or not all(isinstance(n, str) and re.fullmatch(r"[^\s:]+:\d{1,5}|\[[^\]\s]+\]:\d{1,5}",
@@ -217,15 +216,6 @@ def render_site_toml(bundle: SiteBundle, identity_key: str, task: str | None,
     return "\n".join(lines)
 
 
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(path, mode)  # the umask may have narrowed or the file be foreign; set exactly
-
-
 def import_bundle(bundle_path: Path, identity_key_path: Path, directory: Path,
                   task: str | None = None, flower_app: str | None = None, partition: int = 0,
                   num_partitions: int = 1, ca_sha256: str | None = None,
@@ -263,8 +253,8 @@ def import_bundle(bundle_path: Path, identity_key_path: Path, directory: Path,
     directory.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".fedraft-import-", dir=directory))
     try:
-        for name, (blob, mode) in outputs.items():
-            _write_new(staging / name, blob, mode)
+        for name, (blob, mode) in outputs.items():  # mode exactly: the umask may narrow it
+            write_atomic(staging / name, blob, mode=mode, exclusive=True)
         try:
             load_site_config(staging / "site.toml")
         except SiteConfigError as exc:
@@ -273,6 +263,7 @@ def import_bundle(bundle_path: Path, identity_key_path: Path, directory: Path,
             shutil.copy2(directory / "site.toml", directory / "site.toml.bak")
         for name in outputs:  # same directory: each rename is atomic
             os.replace(staging / name, directory / name)
+        fsync_dir(directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if created is not None:

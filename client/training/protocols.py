@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
+
+from privacy.accounting import DPStep
 
 Parameters = dict[str, np.ndarray]
 """Model weights by name, float32, in the order the model defines them."""
@@ -46,3 +48,27 @@ class LocalTrainer(Protocol):
     def evaluate(self, params: Parameters, config: Mapping[str, Any]) -> EvalResult:
         """Evaluate `params` on the site's held-out records; metrics include accuracy."""
         ...
+
+
+class ChargePreview(NamedTuple):
+    """What a round would cost: its mechanism and its epsilon charge."""
+
+    step: DPStep
+    epsilon: float
+
+
+@runtime_checkable
+class PrivateTrainer(LocalTrainer, Protocol):
+    """A trainer that spends a privacy budget: the agent asks what a round would cost
+    before it joins one, and declines a round the budget cannot pay.
+
+    Its `fit` raises `client.dp.ledger.BudgetExceeded` (nothing trained) when the round
+    would take the site past its budget."""
+
+    epsilon_budget: float
+    epsilon_spent: float
+
+    def preview_charge(self, config: Mapping[str, Any]) -> ChargePreview:
+        """The round's mechanism and epsilon charge for `config`, without training."""
+        ...
+

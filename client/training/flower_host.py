@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from client.training import EvalResult, FitResult, Parameters
+from client.training.protocols import EvalResult, FitResult, Parameters
 
 # Must happen before flwr is imported anywhere in this process: flwr reads the
 # telemetry switch once, at import.

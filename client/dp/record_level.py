@@ -1,7 +1,6 @@
-"""Differential privacy on the site: record-level DP-SGD for built-in tasks, and
-client-level clipping plus noise for updates from code we do not control (Flower apps).
+"""Record-level DP-SGD (Opacus) for the built-in tasks: ``DPTorchTrainer``.
 
-Record-level (``DPTorchTrainer``). Each site runs DP-SGD (Opacus) on its own records,
+Each site runs DP-SGD (Opacus) on its own records,
 so every patient or customer is protected against everything that leaves the site:
 the masked update, the aggregate and every later model. One ``PrivacyEngine`` serves
 the site's whole training and is made private once (``make_private`` every round
@@ -13,10 +12,6 @@ same accounting instead of starting from zero. A round that would take the site 
 its budget is refused before any record is touched (``BudgetExceeded``), and the
 ledger entry is written *before* training (write-ahead), so a crash mid-round can only
 over-count, never under-count.
-
-Client-level (``ClientLevelDP``). For a hosted Flower app the agent only sees the
-trained weights. ``ClientLevelDP`` clips the whole update to an L2 norm and adds
-Gaussian noise; see its docstring for what that protects.
 
 The guarantee depends on the randomness being unpredictable. Opacus's ``secure_mode``
 needs torchcsprng, which has no build for current torch, so noise and sampling come
@@ -43,12 +38,9 @@ from opacus.validators.errors import UnsupportedModuleError
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.dp_ledger import STATE_FORMAT as STATE_FORMAT
-from client.dp_ledger import BudgetExceeded as BudgetExceeded
-from client.dp_ledger import ChargePreview, LedgerBacked, PrivacyLedger
-from client.dp_ledger import DPStateError as DPStateError
-from client.tasks import TorchTaskTrainer, get_parameters, set_parameters
-from client.training import EvalResult, FitResult, Parameters
+from client.dp.ledger import LedgerBacked, PrivacyLedger
+from client.training.protocols import ChargePreview, EvalResult, FitResult, Parameters
+from client.training.tasks import TorchTaskTrainer, get_parameters, set_parameters
 from privacy.accounting import DPStep, accountant_history
 
 
@@ -259,66 +251,3 @@ class DPTorchTrainer(LedgerBacked):
             num_examples=self._task.site.num_train,
             metrics=metrics,
         )
-
-
-class ClientLevelDP:
-    """Clip a whole model update to L2 norm ``clip_norm`` and add N(0, (sigma * clip)^2)
-    to every coordinate: the Gaussian mechanism on the site's update, for training code
-    the agent cannot instrument (a hosted Flower app).
-
-    What it protects: the site's *whole* contribution of one round (client-level), not
-    single records, and locally: the noise is added on the site, so the guarantee holds
-    even against the other parties and the coordinator, without relying on secure
-    aggregation. In the ledger one round is ``DPStep(noise_multiplier, sample_rate=1,
-    steps=1, clip_norm)`` (``step()``): no subsampling amplification, since the site
-    takes part with all its data; rounds compose like any other history. It is costly:
-    with a handful of sites the noise each site must add for a useful epsilon swamps
-    the update (20 silos, 100 rounds, sigma 1 gave epsilon ~96), which is why built-in
-    tasks use record-level DP-SGD instead.
-    """
-
-    def __init__(self, clip_norm: float, noise_multiplier: float, rng: np.random.Generator) -> None:
-        if not (math.isfinite(clip_norm) and clip_norm > 0):
-            raise ValueError(f"clip_norm must be positive and finite, got {clip_norm!r}")
-        if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
-            raise ValueError(f"noise_multiplier must be >= 0 and finite, got {noise_multiplier!r}")
-        self.clip_norm = float(clip_norm)
-        self.noise_multiplier = float(noise_multiplier)
-        self._rng = rng
-
-    def step(self) -> DPStep:
-        """The ledger entry of one privatized round."""
-        return DPStep(self.noise_multiplier, 1.0, 1, self.clip_norm)
-
-    def __call__(self, update: np.ndarray) -> np.ndarray:
-        """The privatized copy of a 1-D update vector (float64 math, float32 out)."""
-        u = np.asarray(update, dtype=np.float64)
-        if u.ndim != 1:
-            raise ValueError("update must be a 1-D vector")
-        if not np.all(np.isfinite(u)):
-            raise ValueError("update contains NaN or infinity")
-        norm = float(np.linalg.norm(u))
-        clipped = u * min(1.0, self.clip_norm / norm) if norm > 0 else u.copy()
-        noise = self._rng.normal(0.0, self.noise_multiplier * self.clip_norm, size=u.shape)
-        return (clipped + noise).astype(np.float32)
-
-    def privatize_params(self, base: Parameters, trained: Parameters) -> Parameters:
-        """``base + privatized(trained - base)`` over all arrays jointly (one norm for
-        the whole model), for the fit result of any ``LocalTrainer``."""
-        if set(base) != set(trained):
-            raise ValueError("base and trained parameters have different names")
-        names = list(trained)
-        flat = np.concatenate(
-            [(np.asarray(trained[k], np.float64) - np.asarray(base[k], np.float64)).ravel() for k in names]
-        )
-        private = self(flat)
-        out: Parameters = {}
-        offset = 0
-        for k in names:
-            shape = np.shape(trained[k])
-            size = int(np.prod(shape))
-            out[k] = (
-                np.asarray(base[k], np.float32) + private[offset : offset + size].reshape(shape)
-            ).astype(np.float32)
-            offset += size
-        return out
