@@ -3,11 +3,11 @@
     .venv/bin/python simulations/bench_compression.py [--quick] [--rounds N] [--seeds 0,1] [--json]
 
 An in-process federated simulation (no network, no coordinator): one
-``client.tasks.TorchTaskTrainer`` per site, ``NUM_SITES`` = 10 sites, the training records
-split IID or with Dirichlet(alpha=0.5) label skew by ``client.data.partition``. Every round
+``client.training.tasks.TorchTaskTrainer`` per site, ``NUM_SITES`` = 10 sites, the training records
+split IID or with Dirichlet(alpha=0.5) label skew by ``client.training.data.partition``. Every round
 every site trains from the current global model and uploads its update; after a fixed
 number of rounds (the same for every variant) the global model is scored on the task's
-global held-out test split (``client.tasks.evaluate_global``).
+global held-out test split (``client.training.tasks.evaluate_global``).
 
 Variants (compression = dim / K):
 
@@ -45,9 +45,9 @@ Settings chosen (``SETTINGS``; see ``TUNING``):
   dense over three seeds. mnist keeps eta 2 and lr_final 0.3 (seed 0).
 * 100 rounds for both datasets. Dense FedAvg has converged long before (digits ~0.97 by
   round 30, mnist ~0.96 by round 20); 100x needs most of the 100 rounds.
-* Local training: the ``client.tasks.TASK_DEFAULTS`` (SGD, momentum 0.9, batch 32; digits
+* Local training: the ``client.training.tasks.TASK_DEFAULTS`` (SGD, momentum 0.9, batch 32; digits
   lr 0.05 x 2 epochs, mnist lr 0.05 x 1 epoch), the lr decaying linearly to 0.3 x by the
-  last round in every variant (round config ``lr_final`` 0.3, ``coordinator.schedule``):
+  last round in every variant (round config ``lr_final`` 0.3, ``coordinator.round.schedule``):
   with a constant lr, digits Dirichlet 100x with error feedback ended 3.34 points below
   dense, with the decay 2.23.
 * c = 1.0 (a generous fixed bound: per-round deltas have |value| < 0.4, 99th percentile
@@ -92,8 +92,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from client.tasks import TorchTaskTrainer, evaluate_global, make_trainer  # noqa: E402
-from coordinator.schedule import scheduled_lr  # noqa: E402
+from client.training.tasks import TorchTaskTrainer, evaluate_global, make_trainer  # noqa: E402
+from coordinator.round.schedule import scheduled_lr  # noqa: E402
 from privacy.encoding import FixedPointCodec  # noqa: E402
 from privacy.sparsify import (  # noqa: E402
     apply_error_feedback,

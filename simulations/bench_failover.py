@@ -45,19 +45,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 from node_orphans import end_orphans, node_children, stop_cluster  # noqa: E402
 
 from coordinator import wire  # noqa: E402
-from coordinator.admin_client import AdminClient, OperatorConfig, Refused, Unreachable  # noqa: E402
-from coordinator.localcluster import LocalCluster  # noqa: E402
+from coordinator.demo.cluster import LocalCluster  # noqa: E402
+from coordinator.ops.admin_client import AdminClient, OperatorConfig, Refused, Unreachable  # noqa: E402
 
 TASK = "breast_cancer"
 # Stages after which the leader already holds the result: a kill there is not mid-round.
 LATE_STAGES = ("aggregate", "replicate", "commit", "done")
 
 # Experiment only (--patch-connection-timeout): start each node with pysyncobj's
-# connectionTimeout replaced, to measure the change proposed for coordinator/replica.py
+# connectionTimeout replaced, to measure the change proposed for coordinator/cluster/replica.py
 # without editing it. The default run starts nodes exactly as LocalCluster does.
 PATCHED_NODE = """
 import os, sys
-import coordinator.replica as replica
+import coordinator.cluster.replica as replica
 _conf = replica.SyncObjConf
 def _patched(**kw):
     kw["connectionTimeout"] = float(os.environ["FEDRAFT_BENCH_CONNECTION_TIMEOUT"])

@@ -40,8 +40,8 @@ import numpy as np  # noqa: E402
 from client.agent import Agent  # noqa: E402
 from client.training import EvalResult, FitResult, Parameters  # noqa: E402
 from coordinator import wire  # noqa: E402
-from coordinator.admin_client import Refused, Unreachable  # noqa: E402
-from coordinator.localcluster import LocalCluster  # noqa: E402
+from coordinator.demo.cluster import LocalCluster  # noqa: E402
+from coordinator.ops.admin_client import Refused, Unreachable  # noqa: E402
 
 
 class ShiftTrainer:

@@ -5,9 +5,9 @@
 Every round of every run goes through what a real round does, minus the network:
 
 1. each site trains from the global model: record-level DP-SGD with its own Opacus
-   ``PrivacyEngine`` (``client.dp.DPTorchTrainer``, Poisson sampling, PRV accountant,
+   ``PrivacyEngine`` (``client.dp.record_level.DPTorchTrainer``, Poisson sampling, PRV accountant,
    budget epsilon at delta 1e-5 over the planned rounds), or plain SGD for the
-   non-private row (``client.tasks.TorchTaskTrainer``);
+   non-private row (``client.training.tasks.TorchTaskTrainer``);
 2. update = trained - base, plus the site's error-feedback residual, projected onto the
    round's public index set (10% of the coordinates: the top half of the last global
    change and seeded random ones, ``privacy.sparsify``), clipped per coordinate (the
@@ -19,7 +19,7 @@ Every round of every run goes through what a real round does, minus the network:
    vector and applies it to the global model (FedAvg with server learning rate).
 
 Accuracy is that of the final global model on the task's global held-out test split
-(``client.tasks.evaluate_global``), mean and standard deviation over seeds. The
+(``client.training.tasks.evaluate_global``), mean and standard deviation over seeds. The
 privacy budget is checked by each site (a site would refuse a round past its budget;
 the plan makes the last round land within it), and every run's largest site epsilon is
 reported.
@@ -75,7 +75,7 @@ class Setting:
     momentum: float = 0.0  # local SGD momentum under DP
     sparsity: int = SPARSITY  # one coordinate in `sparsity` is sent
     data_seed: int = -1  # >= 0: fixed split and initial model; seeds then vary DP noise only
-    task: str = ""  # client.tasks task (model) trained on `dataset`; "" means the task `dataset`
+    task: str = ""  # client.training.tasks task (model) trained on `dataset`; "" means the task `dataset`
 
     @property
     def model_task(self) -> str:
@@ -195,8 +195,8 @@ def run_one(run: Run, rounds_override: int | None = None) -> dict[str, Any]:
     import torch
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from client.dp import DPTorchTrainer
-    from client.tasks import evaluate_global, make_trainer
+    from client.dp.record_level import DPTorchTrainer
+    from client.training.tasks import evaluate_global, make_trainer
     from privacy.encoding import FixedPointCodec
     from privacy.sparsify import (
         apply_error_feedback,

@@ -9,7 +9,7 @@ For each (n clients, K words, dropout) it runs, in one process:
   is timed separately. fedraft_server_s is all server work of the session (verify
   adverts, route shares, add masked vectors as they arrive, reconstruct and unmask),
   with the unmasking spread over the calling thread and --unmask-workers helper
-  processes (`coordinator.mask_pool`, started before timing, as a leader keeps them
+  processes (`coordinator.round.mask_pool`, started before timing, as a leader keeps them
   between rounds); fedraft_server_one_process_s is the same with every mask removed in
   the calling thread. fedraft_client_s is one client's masked-input step (decrypt
   shares, expand and add the self mask and every pairwise mask), averaged over clients.
@@ -47,7 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
-from coordinator.mask_pool import MaskPool, default_workers  # noqa: E402
+from coordinator.cluster.config import default_unmask_workers  # noqa: E402
+from coordinator.round.mask_pool import MaskPool  # noqa: E402
 from privacy.prg import apply_masks  # noqa: E402
 from privacy.secagg import (  # noqa: E402
     MaskApplier,
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ns", type=_int_list, default=None, metavar="N,N", help="client counts to run")
     ap.add_argument("--ks", type=_int_list, default=None, metavar="K,K", help="vector lengths to run")
     ap.add_argument(
-        "--unmask-workers", type=int, default=default_workers(), metavar="W",
+        "--unmask-workers", type=int, default=default_unmask_workers(), metavar="W",
         help="helper processes for the server's unmasking, as a node uses "
         "([limits] unmask_workers; default: spare cores, at most 3)",
     )

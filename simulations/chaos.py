@@ -49,8 +49,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 from node_orphans import sigkill_node, stop_cluster  # noqa: E402
 
 from coordinator import wire  # noqa: E402
-from coordinator.admin_client import AdminClient, OperatorConfig, Refused, Unreachable  # noqa: E402
-from coordinator.localcluster import LocalCluster  # noqa: E402
+from coordinator.demo.cluster import LocalCluster  # noqa: E402
+from coordinator.ops.admin_client import AdminClient, OperatorConfig, Refused, Unreachable  # noqa: E402
 
 TASK = "breast_cancer"
 FAULTS = ("kill_leader", "kill_follower", "kill_all", "stop_leader")

@@ -30,10 +30,10 @@ import sqlalchemy  # noqa: F401
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 with atheris.instrument_imports(include=["coordinator", "client", "privacy"]):
-    from client.bundle import BundleError, parse_bundle
-    from coordinator import state as sm
+    from client.enroll import BundleError, parse_bundle
     from coordinator import wire
     from coordinator.audit.entry import Entry, PayloadError, validate_payload
+    from coordinator.core import state as sm
     from privacy import secagg
 
 

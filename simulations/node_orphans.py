@@ -10,7 +10,7 @@ import signal
 import time
 from pathlib import Path
 
-from coordinator.localcluster import LocalCluster
+from coordinator.demo.cluster import LocalCluster
 
 
 def _stat_fields(stat: str) -> list[str]:

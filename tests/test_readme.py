@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from coordinator.config import load_node_config
+from coordinator.cluster.config import load_node_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -36,7 +36,7 @@ def admin_target(admin: str) -> str:
 
 def status(config_path: Path, timeout: float) -> dict[str, Any]:
     os.environ.setdefault("FEDRAFT_RAFT_PASSWORD", "health-check-placeholder")
-    from coordinator.config import load_node_config
+    from coordinator.cluster.config import load_node_config
     from coordinator.wire import ADMIN_SERVICE, Channel
 
     cfg = load_node_config(config_path)

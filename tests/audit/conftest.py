@@ -21,8 +21,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Connection
 
 from coordinator.audit import AuditSigner, AuditStore
-from coordinator.ledger import charge_increase, dp_step
-from privacy.accounting import DPStep
+from privacy.accounting import DPStep, charge_increase, dp_step
 
 PG_URL = os.environ.get("FEDRAFT_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 SITES = [f"site-{i:02d}" for i in range(6)]

@@ -10,8 +10,8 @@ import pytest
 from coordinator.audit import AuditSigner
 from coordinator.audit.entry import PayloadError, validate_payload
 from coordinator.audit.store import open_readonly
-from coordinator.audit_writer import AuditWriter, audit_record
-from coordinator.state import apply, initial_state
+from coordinator.audit.writer import AuditWriter, audit_record
+from coordinator.core.state import apply, initial_state
 
 KEY = "a" * 64
 

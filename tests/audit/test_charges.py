@@ -1,6 +1,6 @@
 """Privacy charges recomputed from the log itself: each site's whole PRV history, in order.
 
-The log is written the way the leader writes it (``coordinator.ledger.compute_charge`` over
+The log is written the way the leader writes it (``privacy.accounting.compute_charge`` over
 the site's recorded runs, with its spend so far). The forgeries are made by someone holding
 the audit key: they rewrite the log consistently (chain, signatures, checkpoints), so
 nothing but the recomputation of the charges can tell.
@@ -22,8 +22,7 @@ from typer.testing import CliRunner
 
 from coordinator.audit import AuditSigner, AuditStore, Checkpoint, Entry, verify_log
 from coordinator.audit.charges import ChargeChecker, prv_epsilon
-from coordinator.ledger import compute_charge
-from privacy.accounting import DPStep
+from privacy.accounting import DPStep, compute_charge
 
 DELTA = 1e-5
 A, B = "hospital-a", "hospital-b"
@@ -308,8 +307,8 @@ def write_late_charge_log(store: AuditStore) -> dict[str, int]:
     """What a cluster applies when the leader of attempt 1.1 dies holding A's and B's
     updates: term 2 aborts 1.1 with no charges, commits 1.2 charging both, then charges
     both late for 1.1 (`late_charge`). Entries come from the node's own audit writer."""
-    from coordinator.audit_writer import audit_record
-    from coordinator.state import apply, initial_state
+    from coordinator.audit.writer import audit_record
+    from coordinator.core.state import apply, initial_state
 
     state, seqs = initial_state(), {}
 

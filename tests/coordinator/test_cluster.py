@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from client.tasks import evaluate_global
+from client.training.tasks import evaluate_global
 from coordinator import wire
-from coordinator.admin_client import Refused
-from coordinator.localcluster import LocalCluster
+from coordinator.demo.cluster import LocalCluster
+from coordinator.ops.admin_client import Refused
 
 TASK = "breast_cancer"
 SITES = [f"site-{i}" for i in range(4)]
@@ -30,19 +30,8 @@ FAST = {"fraction": 1.0, "min_clients": 3, "lr": 0.1, "compression": 4.0, "local
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = LocalCluster(tmp_path_factory.mktemp("cluster"), num_nodes=3, election=(0.6, 1.2))
-    c.start_nodes()
-    try:
-        c.wait_leader(30)
-        for s in SITES:
-            c.add_site(s)
-        c.init_model(TASK)
-        for i, s in enumerate(SITES):
-            c.start_site(s, c.write_site_config(s, TASK, i, len(SITES), "dirichlet", 0.5))
-        yield c
-    finally:
-        c.stop()
+def cluster(make_module_cluster):
+    return make_module_cluster("cluster", sites=SITES, task=TASK, split="dirichlet")
 
 
 def chain_of(cluster: LocalCluster, endpoint: str | None = None) -> list[dict]:

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.config import ConfigError, NodeAddress, host_port, load_node_config, render_node_config
+from coordinator.cluster.config import (
+    ConfigError,
+    NodeAddress,
+    host_port,
+    load_node_config,
+    render_node_config,
+)
 
 
 def _write(tmp_path: Path, text: str | None = None, **replace: str) -> Path:

@@ -10,9 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from coordinator import pki, wire
-from coordinator.blobs import BlobError, BlobStore
-from coordinator.config import ConfigError, NodeAddress, load_node_config, render_node_config
+from coordinator import wire
+from coordinator.cluster import pki
+from coordinator.cluster.blobs import BlobError, BlobStore
+from coordinator.cluster.config import ConfigError, NodeAddress, load_node_config, render_node_config
 
 
 @settings(max_examples=50, deadline=None)

@@ -22,13 +22,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
-from client import bundle as site_bundle
+from client import enroll as site_bundle
 from client.cli import app as client_app
 from client.config import load_site_config
-from coordinator import bundle as op_bundle
-from coordinator import pki, wire
+from coordinator import wire
 from coordinator.cli import app as operator_app
-from coordinator.localcluster import LocalCluster
+from coordinator.cluster import pki
+from coordinator.ops import enroll as op_bundle
 
 SITE = "hospital-a"
 NODES = ["127.0.0.1:7200", "coord2.example.org:7200", "[::1]:7200"]
@@ -235,82 +235,76 @@ def _run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
-def test_enroll_import_run_revoke(tmp_path):
-    cluster = LocalCluster(tmp_path / "cluster", num_nodes=3, election=(0.6, 1.2))
-    cluster.start_nodes()
-    try:
-        cluster.wait_leader(30)
-        cluster.init_model("breast_cancer")
-        op = cluster.operator
-        env = {**cluster.env, "FEDRAFT_ADMIN": ",".join(n.admin for n in cluster.nodes),
-               "FEDRAFT_CA": str(op.ca), "FEDRAFT_CERT": str(op.cert), "FEDRAFT_KEY": str(op.key)}
-        site_dir = cluster.root / "sites" / SITE
-        site_dir.mkdir(parents=True)
-        keygen = _run(["client", "keygen", "-o", str(site_dir / "identity.pem")], env)
-        assert keygen.returncode == 0, keygen.stderr
-        pub = keygen.stdout.strip()
+def test_enroll_import_run_revoke(tmp_path, make_cluster):
+    cluster = make_cluster()  # the genesis model of breast_cancer, no site yet
+    op = cluster.operator
+    env = {**cluster.env, "FEDRAFT_ADMIN": ",".join(n.admin for n in cluster.nodes),
+           "FEDRAFT_CA": str(op.ca), "FEDRAFT_CERT": str(op.cert), "FEDRAFT_KEY": str(op.key)}
+    site_dir = cluster.root / "sites" / SITE
+    site_dir.mkdir(parents=True)
+    keygen = _run(["client", "keygen", "-o", str(site_dir / "identity.pem")], env)
+    assert keygen.returncode == 0, keygen.stderr
+    pub = keygen.stdout.strip()
 
-        bundle = tmp_path / "hospital-a.bundle.json"
-        enroll = _run(["coordinator", "client", "enroll", SITE, "--public-key", pub, "--epsilon",
-                       "5", "--bundle", str(bundle), "--ca-dir", str(cluster.ca_dir), "--json"], env)
-        assert enroll.returncode == 0, enroll.stderr
-        enrolled = json.loads(enroll.stdout.strip().splitlines()[-1])
-        assert sorted(enrolled["nodes"]) == sorted(n.fleet for n in cluster.nodes)  # from status
-        again = _run(["coordinator", "client", "enroll", SITE, "--public-key", pub, "--bundle",
-                      str(tmp_path / "again.json"), "--ca-dir", str(cluster.ca_dir)], env)
-        assert again.returncode == 1 and not (tmp_path / "again.json").exists()
+    bundle = tmp_path / "hospital-a.bundle.json"
+    enroll = _run(["coordinator", "client", "enroll", SITE, "--public-key", pub, "--epsilon",
+                   "5", "--bundle", str(bundle), "--ca-dir", str(cluster.ca_dir), "--json"], env)
+    assert enroll.returncode == 0, enroll.stderr
+    enrolled = json.loads(enroll.stdout.strip().splitlines()[-1])
+    assert sorted(enrolled["nodes"]) == sorted(n.fleet for n in cluster.nodes)  # from status
+    again = _run(["coordinator", "client", "enroll", SITE, "--public-key", pub, "--bundle",
+                  str(tmp_path / "again.json"), "--ca-dir", str(cluster.ca_dir)], env)
+    assert again.returncode == 1 and not (tmp_path / "again.json").exists()
 
-        imported = _run(["client", "import", str(bundle), "--identity-key",
-                         str(site_dir / "identity.pem"), "--dir", str(site_dir), "--task",
-                         "breast_cancer", "--ca-sha256", enrolled["ca_sha256"], "--json"], env)
-        assert imported.returncode == 0, imported.stderr
-        config = Path(json.loads(imported.stdout.strip().splitlines()[-1])["config"])
-        assert config == site_dir / "site.toml"
-        assert json.loads(imported.stdout.strip().splitlines()[-1])["budget"]["epsilon"] == 5.0
+    imported = _run(["client", "import", str(bundle), "--identity-key",
+                     str(site_dir / "identity.pem"), "--dir", str(site_dir), "--task",
+                     "breast_cancer", "--ca-sha256", enrolled["ca_sha256"], "--json"], env)
+    assert imported.returncode == 0, imported.stderr
+    config = Path(json.loads(imported.stdout.strip().splitlines()[-1])["config"])
+    assert config == site_dir / "site.toml"
+    assert json.loads(imported.stdout.strip().splitlines()[-1])["budget"]["epsilon"] == 5.0
 
-        cluster.start_site(SITE, config)
-        cluster.admin.call("Train", {"rounds": 1, "config": {
-            "fraction": 1.0, "min_clients": 1, "secure_aggregation": False, "compression": 1.0,
-            "local_epochs": 1, "batch_size": 16, "lr": 0.1, "collect_timeout_s": 30.0,
-            "online_wait_s": 30.0}})
-        st = cluster.wait_round(1, timeout=120)
-        committed = st["history"]["1"]["committed"]
-        assert committed is not None and SITE in committed["survivors"]
-        assert cluster.site_procs[SITE].alive
+    cluster.start_site(SITE, config)
+    cluster.admin.call("Train", {"rounds": 1, "config": {
+        "fraction": 1.0, "min_clients": 1, "secure_aggregation": False, "compression": 1.0,
+        "local_epochs": 1, "batch_size": 16, "lr": 0.1, "collect_timeout_s": 30.0,
+        "online_wait_s": 30.0}})
+    st = cluster.wait_round(1, timeout=120)
+    committed = st["history"]["1"]["committed"]
+    assert committed is not None and SITE in committed["survivors"]
+    assert cluster.site_procs[SITE].alive
 
-        # rotation: a fresh TLS certificate for the enrolled key and budget
-        rotated = _run(["coordinator", "client", "bundle", SITE, "--bundle",
-                        str(tmp_path / "rotated.json"), "--ca-dir", str(cluster.ca_dir), "--json"], env)
-        assert rotated.returncode == 0, rotated.stderr
-        new = json.loads((tmp_path / "rotated.json").read_text())
-        old = json.loads(bundle.read_text())
-        assert new["public_key"] == old["public_key"] and new["cert_pem"] != old["cert_pem"]
-        assert new["budget"] == {"epsilon": 5.0, "delta": 1e-5}
+    # rotation: a fresh TLS certificate for the enrolled key and budget
+    rotated = _run(["coordinator", "client", "bundle", SITE, "--bundle",
+                    str(tmp_path / "rotated.json"), "--ca-dir", str(cluster.ca_dir), "--json"], env)
+    assert rotated.returncode == 0, rotated.stderr
+    new = json.loads((tmp_path / "rotated.json").read_text())
+    old = json.loads(bundle.read_text())
+    assert new["public_key"] == old["public_key"] and new["cert_pem"] != old["cert_pem"]
+    assert new["budget"] == {"epsilon": 5.0, "delta": 1e-5}
 
-        revoke = _run(["coordinator", "client", "revoke", SITE, "--json"], env)
-        assert revoke.returncode == 0, revoke.stderr
-        # the running agent's next poll is refused and it stops, saying why
-        agent = cluster.site_procs[SITE].popen
-        assert agent is not None
-        assert agent.wait(timeout=60) == 1
-        assert "revoked" in (site_dir / "agent.log").read_text()
-        # and the imported material itself is refused on every node
-        cfg = load_site_config(config)
-        tls = (cfg.ca.read_bytes(), cfg.cert.read_bytes(), cfg.key.read_bytes())
-        ident = serialization.load_pem_private_key(cfg.identity_key.read_bytes(), None)
-        for node in cluster.nodes:
-            ch = wire.Channel(node.fleet, *tls)
-            deadline = time.monotonic() + 10  # a follower applies the revocation a moment later
-            while True:
-                reply = ch.call(wire.FLEET_SERVICE, "Poll",
-                                wire.sign({"site": SITE, "wait": 0}, ident), timeout=10)  # type: ignore[arg-type]
-                if reply.get("code") == "revoked" or time.monotonic() > deadline:
-                    break
-                time.sleep(0.2)
-            ch.close()
-            assert reply["ok"] is False and reply["code"] == "revoked", (node.id, reply)
-        rotate = _run(["coordinator", "client", "bundle", SITE, "--bundle", str(tmp_path / "r.json"),
-                       "--ca-dir", str(cluster.ca_dir)], env)
-        assert rotate.returncode == 1 and "revoked" in rotate.stderr
-    finally:
-        cluster.stop()
+    revoke = _run(["coordinator", "client", "revoke", SITE, "--json"], env)
+    assert revoke.returncode == 0, revoke.stderr
+    # the running agent's next poll is refused and it stops, saying why
+    agent = cluster.site_procs[SITE].popen
+    assert agent is not None
+    assert agent.wait(timeout=60) == 1
+    assert "revoked" in (site_dir / "agent.log").read_text()
+    # and the imported material itself is refused on every node
+    cfg = load_site_config(config)
+    tls = (cfg.ca.read_bytes(), cfg.cert.read_bytes(), cfg.key.read_bytes())
+    ident = serialization.load_pem_private_key(cfg.identity_key.read_bytes(), None)
+    for node in cluster.nodes:
+        ch = wire.Channel(node.fleet, *tls)
+        deadline = time.monotonic() + 10  # a follower applies the revocation a moment later
+        while True:
+            reply = ch.call(wire.FLEET_SERVICE, "Poll",
+                            wire.sign({"site": SITE, "wait": 0}, ident), timeout=10)  # type: ignore[arg-type]
+            if reply.get("code") == "revoked" or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        ch.close()
+        assert reply["ok"] is False and reply["code"] == "revoked", (node.id, reply)
+    rotate = _run(["coordinator", "client", "bundle", SITE, "--bundle", str(tmp_path / "r.json"),
+                   "--ca-dir", str(cluster.ca_dir)], env)
+    assert rotate.returncode == 1 and "revoked" in rotate.stderr

@@ -13,8 +13,7 @@ import time
 
 import pytest
 
-from coordinator.admin_client import Refused, Unreachable
-from coordinator.localcluster import LocalCluster
+from coordinator.ops.admin_client import Refused, Unreachable
 
 TASK = "breast_cancer"
 SITES = [f"site-{i}" for i in range(3)]
@@ -26,62 +25,31 @@ HOLD_S = 3.0
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stages")
-    c = LocalCluster(root / "cluster", num_nodes=3, election=(0.6, 1.2))
-    hold = root / "hold"
-    hold.write_text("")
-    c.env["FEDRAFT_FAULT_HOLD"] = str(hold)
-    c.hold_file = hold  # type: ignore[attr-defined]
-    c.start_nodes()
-    try:
-        c.wait_leader(30)
-        for s in SITES:
-            c.add_site(s)
-        c.init_model(TASK)
-        for i, s in enumerate(SITES):
-            c.start_site(s, c.write_site_config(s, TASK, i, len(SITES), "iid", 0.5))
-        c.admin.call("Train", {"rounds": 1, "config": CONFIG})
-        c.wait_round(1, timeout=90)
-        yield c
-    finally:
-        c.stop()
-
-
-def _wait_stage(cluster: LocalCluster, stage: str, timeout: float = 60.0) -> tuple[str, dict]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        leader = cluster.leader()
-        if leader is not None:
-            try:
-                st = cluster.admin.call("RoundStatus", endpoint=cluster.admin_of(leader))
-            except (Unreachable, Refused):
-                st = None
-            progress = (st or {}).get("progress")
-            if progress and progress.get("stage") == stage:
-                return leader, progress
-        time.sleep(0.05)
-    raise TimeoutError(f"the leader never reached stage {stage}")
+def cluster(make_module_cluster):
+    c = make_module_cluster("stages", sites=SITES, task=TASK, fault_hold=True)
+    c.admin.call("Train", {"rounds": 1, "config": CONFIG})
+    c.wait_round(1, timeout=90)
+    return c
 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_leader_killed_at_stage_round_commits_once(cluster, stage):
     start = cluster.admin.call("RoundStatus")
     target = start["last_round"] + 1
-    cluster.hold_file.write_text(f"{stage}:{HOLD_S}")
+    cluster.hold(stage, HOLD_S)
     try:
         cluster.admin.call("Train", {"rounds": 1, "config": CONFIG})
-        victim, progress = _wait_stage(cluster, stage)
+        victim, progress = cluster.wait_stage(stage)
         assert progress["round"] == target
         killed_at = time.monotonic()
         cluster.kill_node(victim)
         new_leader = cluster.wait_leader(timeout=30, exclude=victim)
         election_s = time.monotonic() - killed_at
-        cluster.hold_file.write_text("")  # the new leader need not linger
+        cluster.hold(None)  # the new leader need not linger
         st = cluster.wait_round(target, timeout=90)
         commit_s = time.monotonic() - killed_at
     finally:
-        cluster.hold_file.write_text("")
+        cluster.hold(None)
     cluster.start_node(victim)
 
     assert new_leader != victim

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coordinator.localcluster import LocalCluster
-from coordinator.replica import hang_up_election_delay
+from coordinator.cluster.replica import hang_up_election_delay
+from coordinator.demo.cluster import LocalCluster
 
 ELECTION = (4.0, 5.0)
 
@@ -55,17 +55,8 @@ def test_survivors_of_a_hang_up_stand_in_turn(members, draws, spread):
 
 
 @pytest.fixture()
-def cluster(tmp_path):
-    c = LocalCluster(tmp_path / "cluster", num_nodes=3, election=ELECTION)
-    c.start_nodes()
-    try:
-        c.wait_leader(60)
-        yield c
-    finally:
-        for p in c.node_procs.values():
-            if p.alive:
-                p.signal(signal.SIGCONT)
-        c.stop()
+def cluster(make_cluster):
+    return make_cluster(election=ELECTION, genesis=False, leader_timeout=60)
 
 
 def test_sigkilled_leader_is_replaced_before_the_election_timeout(cluster):

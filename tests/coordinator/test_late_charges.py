@@ -12,11 +12,10 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from coordinator.admin_client import Refused, Unreachable
-from coordinator.localcluster import LocalCluster
+from coordinator.demo.cluster import LocalCluster
+from coordinator.ops.admin_client import Refused, Unreachable
 from privacy.accounting import DPStep, epsilon_spent
 
 TASK = "breast_cancer"
@@ -26,21 +25,6 @@ CONFIG = {"fraction": 1.0, "min_clients": 3, "lr": 0.1, "compression": 4.0, "loc
           "batch_size": 16, "collect_timeout_s": 30.0, "stage_timeout_s": 15.0,
           "online_wait_s": 15.0, "secure_aggregation": True, "clip": 0.5}
 HOLD_S = 4.0
-
-
-def _wait_stage(c: LocalCluster, stage: str, timeout: float = 90.0) -> tuple[str, dict]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        leader = c.leader()
-        try:
-            st = c.admin.call("RoundStatus", endpoint=c.admin_of(leader)) if leader else None
-        except (Unreachable, Refused):
-            st = None
-        progress = (st or {}).get("progress")
-        if leader and progress and progress.get("stage") == stage:
-            return leader, progress
-        time.sleep(0.05)
-    raise TimeoutError(f"the leader never reached stage {stage}")
 
 
 def _until(what: str, check: Any, timeout: float = 60.0) -> Any:
@@ -60,64 +44,52 @@ def _site_file(c: LocalCluster, site: str, name: str) -> dict[str, Any]:
     return json.loads((c.root / "sites" / site / "state" / name).read_text())
 
 
-def test_leader_killed_holding_updates_sites_are_charged_late(tmp_path: Path) -> None:
-    c = LocalCluster(tmp_path / "cluster", num_nodes=3, election=(0.6, 1.2))
-    hold = tmp_path / "hold"
-    hold.write_text("")
-    c.env["FEDRAFT_FAULT_HOLD"] = str(hold)
-    c.start_nodes()
-    try:
-        c.wait_leader(30)
-        for s in SITES:
-            c.add_site(s, budget=(PRIVACY["epsilon"], PRIVACY["delta"]))
-        c.init_model(TASK)
-        for i, s in enumerate(SITES):
-            c.start_site(s, c.write_site_config(s, TASK, i, len(SITES), "iid", privacy=PRIVACY))
-        hold.write_text(f"unmask:{HOLD_S}")
-        c.admin.call("Train", {"rounds": 1, "config": CONFIG})
-        victim, progress = _wait_stage(c, "unmask")
-        c.kill_node(victim)
-        c.wait_leader(timeout=30, exclude=victim)
-        hold.write_text("")
-        c.wait_round(1, timeout=120)
+def test_leader_killed_holding_updates_sites_are_charged_late(make_cluster) -> None:
+    c = make_cluster(sites=SITES, task=TASK, budget=(PRIVACY["epsilon"], PRIVACY["delta"]),
+                     privacy=PRIVACY, fault_hold=True)
+    c.hold("unmask", HOLD_S)
+    c.admin.call("Train", {"rounds": 1, "config": CONFIG})
+    victim, progress = c.wait_stage("unmask", timeout=90)
+    c.kill_node(victim)
+    c.wait_leader(timeout=30, exclude=victim)
+    c.hold(None)
+    c.wait_round(1, timeout=120)
 
-        # the killed attempt is aborted for the leader change and charged late, site by site
-        def late_charged() -> dict[str, Any] | None:
-            history = c.admin.call("RoundStatus")["history"]["1"]
-            killed = next(a for a in history["aborted"] if a["attempt"] == progress["attempt"])
-            return killed if set(killed["charges"]) == set(SITES) else None
+    # the killed attempt is aborted for the leader change and charged late, site by site
+    def late_charged() -> dict[str, Any] | None:
+        history = c.admin.call("RoundStatus")["history"]["1"]
+        killed = next(a for a in history["aborted"] if a["attempt"] == progress["attempt"])
+        return killed if set(killed["charges"]) == set(SITES) else None
 
-        killed = _until("the late charges", late_charged)
-        assert killed["reason"] == "leader_change"
-        st = c.admin.call("RoundStatus")
-        assert st["history"]["1"]["committed"]["attempt"] > progress["attempt"]
+    killed = _until("the late charges", late_charged)
+    assert killed["reason"] == "leader_change"
+    st = c.admin.call("RoundStatus")
+    assert st["history"]["1"]["committed"]["attempt"] > progress["attempt"]
 
-        # each site's ledger equals its own accountant: same runs, same epsilon
-        ledger = {s["site"]: s for s in c.admin.call("Sites")["sites"]}
-        for site in SITES:
-            own = _site_file(c, site, "dp-accountant.json")
-            runs = [DPStep.from_dict(d) for d in own["history"]]
-            rec = ledger[site]
-            assert len(runs) == len(rec["charges"]) == 2, (site, own["history"], rec["charges"])
-            # the late charge may land before or after the retry's commit: either order
-            assert sorted((x["round"], x["attempt"]) for x in rec["charges"]) == [
-                (1, progress["attempt"]), (1, st["history"]["1"]["committed"]["attempt"])]
-            mine = epsilon_spent(runs, PRIVACY["delta"])
-            assert abs(mine - rec["spent"]) <= 1e-9 * mine, (site, mine, rec["spent"])
-            assert rec["spent"] <= PRIVACY["epsilon"]
-            # and the site, told so, has nothing left unsettled
-            _until(f"{site} to settle", lambda s=site: _site_file(
-                c, s, "agent-state.json").get("unsettled") == [])
+    # each site's ledger equals its own accountant: same runs, same epsilon
+    ledger = {s["site"]: s for s in c.admin.call("Sites")["sites"]}
+    for site in SITES:
+        own = _site_file(c, site, "dp-accountant.json")
+        runs = [DPStep.from_dict(d) for d in own["history"]]
+        rec = ledger[site]
+        assert len(runs) == len(rec["charges"]) == 2, (site, own["history"], rec["charges"])
+        # the late charge may land before or after the retry's commit: either order
+        assert sorted((x["round"], x["attempt"]) for x in rec["charges"]) == [
+            (1, progress["attempt"]), (1, st["history"]["1"]["committed"]["attempt"])]
+        mine = epsilon_spent(runs, PRIVACY["delta"])
+        assert abs(mine - rec["spent"]) <= 1e-9 * mine, (site, mine, rec["spent"])
+        assert rec["spent"] <= PRIVACY["epsilon"]
+        # and the site, told so, has nothing left unsettled
+        _until(f"{site} to settle", lambda s=site: _site_file(
+            c, s, "agent-state.json").get("unsettled") == [])
 
-        # every node's audit log (the killed one restarted) recomputes every charge
-        c.start_node(victim)
-        for n in c.nodes:
-            _until(f"{n.id}'s audit log", lambda n=n: _audit(c, n.id, charges=False)[
-                "counts"]["charges_unchecked"] == 2 * len(SITES))
-            report = _audit(c, n.id, charges=True)
-            assert report["ok"] and report["counts"]["charges"] == 2 * len(SITES), (n.id, report)
-    finally:
-        c.stop()
+    # every node's audit log (the killed one restarted) recomputes every charge
+    c.start_node(victim)
+    for n in c.nodes:
+        _until(f"{n.id}'s audit log", lambda n=n: _audit(c, n.id, charges=False)[
+            "counts"]["charges_unchecked"] == 2 * len(SITES))
+        report = _audit(c, n.id, charges=True)
+        assert report["ok"] and report["counts"]["charges"] == 2 * len(SITES), (n.id, report)
 
 
 def _audit(c: LocalCluster, node_id: str, charges: bool) -> dict[str, Any]:

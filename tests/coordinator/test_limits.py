@@ -12,10 +12,16 @@ from typing import Any
 
 import pytest
 
-from coordinator import limits, membership, pki, rpc, wire
-from coordinator.config import ConfigError, NodeAddress, load_node_config, render_node_config
-from coordinator.mask_pool import default_workers
-from coordinator.ratelimit import DEFAULT_ADMIN, DEFAULT_FLEET, Limit, RateLimiter, TokenBucket
+from coordinator import api, wire
+from coordinator.cluster import pki, rpc, throttle
+from coordinator.cluster.config import (
+    ConfigError,
+    NodeAddress,
+    default_unmask_workers,
+    load_node_config,
+    render_node_config,
+)
+from coordinator.cluster.throttle import DEFAULT_ADMIN, DEFAULT_FLEET, Limit, RateLimiter, TokenBucket
 
 
 class Clock:
@@ -92,19 +98,19 @@ def test_defaults_cover_normal_traffic() -> None:
 
 
 def test_size_caps_per_method() -> None:
-    small = limits.SMALL_REQUEST_BYTES
+    small = throttle.SMALL_REQUEST_BYTES
     for service, method in ((wire.FLEET_SERVICE, "Poll"), (wire.FLEET_SERVICE, "GetBlob"),
                             (wire.ADMIN_SERVICE, "Enroll"), (wire.ADMIN_SERVICE, "Train"),
                             (wire.ADMIN_SERVICE, "AddNode"), (wire.ADMIN_SERVICE, "SetBudget")):
-        assert limits.request_cap(service, method) == small
-        assert limits.admit(None, "x", service, method, small) is None
-        reply = limits.admit(None, "x", service, method, small + 1)
+        assert throttle.request_cap(service, method) == small
+        assert throttle.admit(None, "x", service, method, small) is None
+        reply = throttle.admit(None, "x", service, method, small + 1)
         assert reply is not None and reply["code"] == "too_large"
-    for service, method in limits.LARGE_REQUESTS:
-        assert limits.request_cap(service, method) == wire.MAX_MESSAGE_BYTES
+    for service, method in throttle.LARGE_REQUESTS:
+        assert throttle.request_cap(service, method) == wire.MAX_MESSAGE_BYTES
     # connections outlive the longest handler, so none is cut off mid-call
-    assert limits.MAX_CONNECTION_AGE_GRACE_MS > membership.MAX_TIMEOUT_S * 1000
-    assert limits.MIN_CLIENT_PING_INTERVAL_MS < dict(wire.GRPC_OPTIONS)["grpc.keepalive_time_ms"]
+    assert throttle.MAX_CONNECTION_AGE_GRACE_MS > api.MAX_CHANGE_TIMEOUT_S * 1000
+    assert throttle.MIN_CLIENT_PING_INTERVAL_MS < dict(wire.GRPC_OPTIONS)["grpc.keepalive_time_ms"]
 
 
 # ---------------------------------------------------------------- a real gRPC server
@@ -155,7 +161,7 @@ def test_throttled_calls_over_grpc(pki_dir: Path) -> None:
         assert b.call(wire.FLEET_SERVICE, "Poll", {})["ok"]  # its own bucket
         clock.now += 1.0
         assert a.call(wire.FLEET_SERVICE, "Poll", {})["ok"]
-        too_big = b.call(wire.FLEET_SERVICE, "Poll", {"pad": b"\0" * limits.SMALL_REQUEST_BYTES})
+        too_big = b.call(wire.FLEET_SERVICE, "Poll", {"pad": b"\0" * throttle.SMALL_REQUEST_BYTES})
         assert too_big["code"] == "too_large" and handled.count("site-b") == 1
         assert observed.count("rate_limited") == 2 and observed.count("too_large") == 1
     finally:
@@ -238,7 +244,7 @@ def test_limits_config_defaults_file_and_env(tmp_path: Path, env: pytest.MonkeyP
                                                 "fleet_workers = 16\n"))
     assert cfg.fleet_limit == Limit(5.0, DEFAULT_FLEET.burst) and not cfg.admin_limit.enabled
     assert cfg.fleet_workers == 16
-    assert cfg.unmask_workers == default_workers()
+    assert cfg.unmask_workers == default_unmask_workers()
     env.setenv("FEDRAFT_LIMITS_FLEET_BURST", "7.5")
     assert load_node_config(_node_toml(tmp_path)).fleet_limit.burst == 7.5
     assert load_node_config(_node_toml(tmp_path, "\n[limits]\nunmask_workers = 0\n")).unmask_workers == 0

@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from coordinator import pki, wire
-from coordinator.admin_client import Refused, Unreachable
-from coordinator.audit_writer import audit_record
-from coordinator.localcluster import LocalCluster, free_ports
-from coordinator.state import apply, initial_state
+from coordinator import wire
+from coordinator.audit.writer import audit_record
+from coordinator.cluster import pki
+from coordinator.core.state import apply, initial_state
+from coordinator.demo.cluster import LocalCluster, free_ports
+from coordinator.ops.admin_client import Refused, Unreachable
 
 # ---------------------------------------------------------------- the replicated record
 
@@ -84,14 +85,8 @@ def test_removed_node_must_not_stay_a_member():
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = LocalCluster(tmp_path_factory.mktemp("membership"), num_nodes=3, election=(0.6, 1.2))
-    c.start_nodes()
-    try:
-        c.wait_leader(30)
-        yield c
-    finally:
-        c.stop()
+def cluster(make_module_cluster):
+    return make_module_cluster("membership", genesis=False)
 
 
 def _fedraft(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess:

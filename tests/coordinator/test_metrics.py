@@ -16,14 +16,15 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator import rpc, wire
+from coordinator import wire
 from coordinator.audit import AuditSigner
-from coordinator.audit_writer import AuditWriter
-from coordinator.config import ConfigError, NodeAddress, load_node_config, render_node_config
-from coordinator.localcluster import LocalCluster
-from coordinator.logs import JsonFormatter
-from coordinator.metrics import NodeMetrics, NodeView, StageClock, abort_class, parse_bind
-from coordinator.state import apply, initial_state
+from coordinator.audit.writer import AuditWriter
+from coordinator.cluster import rpc
+from coordinator.cluster.config import ConfigError, NodeAddress, load_node_config, render_node_config
+from coordinator.cluster.logs import JsonFormatter
+from coordinator.cluster.metrics import NodeMetrics, NodeView, StageClock, abort_class, parse_bind
+from coordinator.core.state import apply, initial_state
+from coordinator.demo.cluster import LocalCluster
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -353,23 +354,13 @@ FAST = {"fraction": 1.0, "min_clients": 3, "lr": 0.1, "compression": 4.0, "local
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory):
+def trained(make_module_cluster):
     """3 nodes logging JSON, 3 DP sites, 2 committed SecAgg rounds."""
-    c = LocalCluster(tmp_path_factory.mktemp("observed"), num_nodes=3, election=(0.6, 1.2),
-                     json_logs=True)
-    c.start_nodes()
-    try:
-        c.wait_leader(30)
-        for s in SITES:
-            c.add_site(s, budget=(DP["epsilon"], DP["delta"]))
-        c.init_model(TASK)
-        for i, s in enumerate(SITES):
-            c.start_site(s, c.write_site_config(s, TASK, i, len(SITES), "iid", privacy=DP))
-        c.admin.call("Train", {"rounds": 2, "config": FAST})
-        c.wait_round(2, timeout=75)
-        yield c
-    finally:
-        c.stop()
+    c = make_module_cluster("observed", sites=SITES, task=TASK, json_logs=True,
+                            budget=(DP["epsilon"], DP["delta"]), privacy=DP)
+    c.admin.call("Train", {"rounds": 2, "config": FAST})
+    c.wait_round(2, timeout=75)
+    return c
 
 
 def scrape(cluster: LocalCluster, node_id: str) -> Samples:

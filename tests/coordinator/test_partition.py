@@ -16,14 +16,12 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from coordinator.admin_client import AdminClient, OperatorConfig, Refused, Unreachable
-from coordinator.driver import FAULT_HOLD_ENV
-from coordinator.localcluster import LocalCluster
+from coordinator.demo.cluster import LocalCluster
+from coordinator.ops.admin_client import AdminClient, OperatorConfig, Refused, Unreachable
 from tests.coordinator.netns import Fabric, NetnsUnavailable
 
 TASK = "breast_cancer"
@@ -57,28 +55,14 @@ def fabric() -> Iterator[Fabric]:
 
 
 @pytest.fixture
-def cluster(fabric: Fabric, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-            ) -> Iterator[LocalCluster]:
+def cluster(fabric: Fabric, make_cluster: Any, monkeypatch: pytest.MonkeyPatch) -> LocalCluster:
     for var in PROXY_VARS:  # gRPC would send 10.213.x.y through a proxy
         monkeypatch.delenv(var, raising=False)
     prefix = {m: fabric.exec_prefix(m) for m in [*NODES, NS_SITE]}
-    c = LocalCluster(tmp_path / "cluster", num_nodes=len(NODES), election=ELECTION,
-                     hosts=[fabric.addresses[n] for n in NODES], prefix=prefix)
-    hold = tmp_path / "hold"
-    hold.write_text("")
-    c.env[FAULT_HOLD_ENV] = str(hold)
-    c.start_nodes()
-    try:
-        c.wait_leader(30)
-        for s in SITES:
-            c.add_site(s)
-        c.init_model(TASK)
-        for i, s in enumerate(SITES):
-            c.start_site(s, c.write_site_config(s, TASK, i, len(SITES), "iid", 0.5))
-        _wait_online(c, len(SITES), timeout=90)
-        yield c
-    finally:
-        c.stop()
+    c = make_cluster(nodes=len(NODES), election=ELECTION, sites=SITES, task=TASK,
+                     hosts=[fabric.addresses[n] for n in NODES], prefix=prefix, fault_hold=True)
+    _wait_online(c, len(SITES), timeout=90)
+    return c
 
 
 def _wait_online(c: LocalCluster, n: int, timeout: float) -> None:
@@ -91,22 +75,6 @@ def _wait_online(c: LocalCluster, n: int, timeout: float) -> None:
             return
         time.sleep(0.3)
     raise TimeoutError(f"fewer than {n} sites polled the leader in {timeout}s")
-
-
-def _wait_stage(c: LocalCluster, stage: str, timeout: float) -> tuple[str, dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        leader = c.leader()
-        if leader is not None:
-            try:
-                st = c.admin.call("RoundStatus", endpoint=c.admin_of(leader))
-            except (Unreachable, Refused):
-                st = None
-            progress = (st or {}).get("progress")
-            if progress and progress.get("stage") == stage:
-                return leader, progress
-        time.sleep(0.05)
-    raise TimeoutError(f"the leader never reached stage {stage}")
 
 
 def _majority_leader(c: LocalCluster, majority: list[str]) -> str | None:
@@ -148,17 +116,16 @@ def _outcome(reply: dict[str, Any] | str) -> str:
 def test_minority_leader_steps_down_majority_goes_on(cluster: LocalCluster,
                                                      fabric: Fabric) -> None:
     c = cluster
-    hold = Path(c.env[FAULT_HOLD_ENV])
-    hold.write_text("commit:60")  # the leader lingers with the finished aggregate until deposed
+    c.hold("commit", 60)  # the leader lingers with the finished aggregate until deposed
     c.admin.call("Train", {"rounds": 1, "config": CONFIG})
-    old, progress = _wait_stage(c, "commit", timeout=120)
+    old, progress = c.wait_stage("commit", timeout=120)
     majority = [n for n in NODES if n != old]
     assert progress["round"] == 1 and progress["participants"] == sorted(SITES)
     old_term = c.status(old)["raft"]["term"]  # type: ignore[index]
 
     fabric.cut(old, [*majority, NS_SITE])
     cut_at = time.monotonic()
-    hold.write_text("")  # the next leader must not linger
+    c.hold(None)  # the next leader must not linger
     old_admin = AdminClient(OperatorConfig((c.admin_of(old),), c.operator), timeout=6)
     with ThreadPoolExecutor(1) as pool, closing(old_admin):
         # a client write sent to the cut-off leader while it still believes it leads

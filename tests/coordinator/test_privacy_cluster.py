@@ -8,60 +8,49 @@ import subprocess
 import sys
 import time
 
-from coordinator.localcluster import LocalCluster
 from privacy import accounting
 
 BUDGET = {"epsilon": 1.0, "delta": 1e-5, "planned_rounds": 2, "clip_norm": 1.0}
 SITES = ["dp-0", "dp-1", "dp-2"]
 
 
-def test_ledger_charges_caps_and_survives_failover(tmp_path):
-    c = LocalCluster(tmp_path, num_nodes=3, election=(0.6, 1.2))
-    c.start_nodes()
-    try:
-        c.wait_leader(30)
-        for s in SITES:
-            c.add_site(s, budget=(BUDGET["epsilon"], BUDGET["delta"]))
-        c.init_model("breast_cancer")
-        for i, s in enumerate(SITES):
-            c.start_site(s, c.write_site_config(s, "breast_cancer", i, 3, "iid", privacy=BUDGET))
-        c.admin.call("Train", {"rounds": 3, "config": {
-            "fraction": 1.0, "min_clients": 2, "lr": 0.1, "local_epochs": 2,
-            "compression": 2.0, "online_wait_s": 60.0, "collect_timeout_s": 60.0}})
-        st = c.wait_round(2, timeout=240)
-        sites = {s["site"]: s for s in c.admin.call("Sites")["sites"]}
-        for name in SITES:
-            rec = sites[name]
-            assert 0 < rec["spent"] <= BUDGET["epsilon"] + 1e-9
-            # the ledger's cumulative epsilon is Opacus's accountant over the recorded runs
-            steps = [accounting.DPStep(x["noise_multiplier"], x["sample_rate"], int(x["steps"]),
-                                       x["clip_norm"]) for x in rec["charges"]]
-            assert abs(accounting.epsilon_spent(steps, BUDGET["delta"]) - rec["spent"]) < 1e-9
-            # another round like the last would exceed the budget
-            assert accounting.epsilon_spent([*steps, steps[-1]], BUDGET["delta"]) > 1.0
-        for r in ("1", "2"):
-            assert set(st["history"][r]["committed"]["charges"]) <= set(SITES)
-        # round 3 never opens: every site is exhausted, so none is sampled
-        time.sleep(5)
-        st3 = c.admin.call("RoundStatus")
-        assert st3["last_round"] == 2 and st3["open"] is None
-        # the ledger survives the leader's death
-        victim = c.wait_leader()
-        c.kill_node(victim, signal.SIGKILL)
-        c.wait_leader(timeout=20, exclude=victim)
-        after = {s["site"]: s["spent"] for s in c.admin.call("Sites")["sites"]}
-        assert after == {k: v["spent"] for k, v in sites.items()}
-        # the operator's view, with a plot
-        env = {**os.environ, "FEDRAFT_ADMIN": ",".join(n.admin for n in c.nodes),
-               "FEDRAFT_CA": str(c.operator.ca), "FEDRAFT_CERT": str(c.operator.cert),
-               "FEDRAFT_KEY": str(c.operator.key)}
-        out = subprocess.run([sys.executable, "-m", "coordinator", "privacy", "ledger", "--json",
-                              "--plot", str(tmp_path / "ledger.png")],
-                             capture_output=True, text=True, env=env, timeout=60)
-        assert out.returncode == 0, out.stderr
-        rows = {r["site"]: r for r in json.loads(out.stdout.strip().splitlines()[-1])["sites"]}
-        assert rows["dp-0"]["epsilon_spent"] == after["dp-0"]
-        assert rows["dp-0"]["epsilon_remaining"] == max(0.0, 1.0 - after["dp-0"])
-        assert (tmp_path / "ledger.png").stat().st_size > 1000
-    finally:
-        c.stop()
+def test_ledger_charges_caps_and_survives_failover(make_cluster, tmp_path):
+    c = make_cluster(sites=SITES, budget=(BUDGET["epsilon"], BUDGET["delta"]), privacy=BUDGET)
+    c.admin.call("Train", {"rounds": 3, "config": {
+        "fraction": 1.0, "min_clients": 2, "lr": 0.1, "local_epochs": 2,
+        "compression": 2.0, "online_wait_s": 60.0, "collect_timeout_s": 60.0}})
+    st = c.wait_round(2, timeout=240)
+    sites = {s["site"]: s for s in c.admin.call("Sites")["sites"]}
+    for name in SITES:
+        rec = sites[name]
+        assert 0 < rec["spent"] <= BUDGET["epsilon"] + 1e-9
+        # the ledger's cumulative epsilon is Opacus's accountant over the recorded runs
+        steps = [accounting.DPStep(x["noise_multiplier"], x["sample_rate"], int(x["steps"]),
+                                   x["clip_norm"]) for x in rec["charges"]]
+        assert abs(accounting.epsilon_spent(steps, BUDGET["delta"]) - rec["spent"]) < 1e-9
+        # another round like the last would exceed the budget
+        assert accounting.epsilon_spent([*steps, steps[-1]], BUDGET["delta"]) > 1.0
+    for r in ("1", "2"):
+        assert set(st["history"][r]["committed"]["charges"]) <= set(SITES)
+    # round 3 never opens: every site is exhausted, so none is sampled
+    time.sleep(5)
+    st3 = c.admin.call("RoundStatus")
+    assert st3["last_round"] == 2 and st3["open"] is None
+    # the ledger survives the leader's death
+    victim = c.wait_leader()
+    c.kill_node(victim, signal.SIGKILL)
+    c.wait_leader(timeout=20, exclude=victim)
+    after = {s["site"]: s["spent"] for s in c.admin.call("Sites")["sites"]}
+    assert after == {k: v["spent"] for k, v in sites.items()}
+    # the operator's view, with a plot
+    env = {**os.environ, "FEDRAFT_ADMIN": ",".join(n.admin for n in c.nodes),
+           "FEDRAFT_CA": str(c.operator.ca), "FEDRAFT_CERT": str(c.operator.cert),
+           "FEDRAFT_KEY": str(c.operator.key)}
+    out = subprocess.run([sys.executable, "-m", "coordinator", "privacy", "ledger", "--json",
+                          "--plot", str(tmp_path / "ledger.png")],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows = {r["site"]: r for r in json.loads(out.stdout.strip().splitlines()[-1])["sites"]}
+    assert rows["dp-0"]["epsilon_spent"] == after["dp-0"]
+    assert rows["dp-0"]["epsilon_remaining"] == max(0.0, 1.0 - after["dp-0"])
+    assert (tmp_path / "ledger.png").stat().st_size > 1000

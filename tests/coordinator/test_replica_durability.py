@@ -7,7 +7,7 @@ import socket
 import time
 from pathlib import Path
 
-from coordinator.replica import Replica
+from coordinator.cluster.replica import Replica
 
 
 def _free_port() -> int:

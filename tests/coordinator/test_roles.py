@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from coordinator import pki, wire
-from coordinator.localcluster import LocalCluster
+from coordinator import wire
+from coordinator.cluster import pki
+from coordinator.demo.cluster import LocalCluster
 
 SITE = "role-site"
 READS = ("Status", "RoundStatus", "Sites")
@@ -27,15 +28,10 @@ FLEET = ("Poll", "GetBlob", "Submit")
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    c = LocalCluster(tmp_path_factory.mktemp("roles"), num_nodes=3, election=(0.6, 1.2))
-    c.start_nodes()
-    try:
-        c.wait_leader(30)
-        c.add_site(SITE)
-        yield c
-    finally:
-        c.stop()
+def cluster(make_module_cluster):
+    c = make_module_cluster("roles", genesis=False)
+    c.add_site(SITE)
+    return c
 
 
 def _tls(cluster: LocalCluster, ident: pki.Identity) -> tuple[bytes, bytes, bytes]:

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coordinator.schedule import scheduled_lr
-from coordinator.state import apply, initial_state
+from coordinator.core.state import apply, initial_state
+from coordinator.round.schedule import scheduled_lr
 
 lrs = st.floats(1e-4, 10.0)
 finals = st.floats(1e-3, 1.0)

@@ -1,7 +1,7 @@
 """What crosses the leader's aggregation boundary in a secure round.
 
 Real SecAgg+ clients (the site agent's code path: sparsify, encode, mask) talk through
-msgpack to the leader's `SecureAggregation`. We record every message the leader
+msgpack to the leader's aggregation (`SecureSum` under `make_aggregation`). We record every message the leader
 accepts: no masked vector is close to its site's encoded update, yet the unmasked
 mean equals the plain weighted mean within the encoding's quantum.
 """
@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator import wire
-from coordinator.aggregation import AggregationAbort, PlainAggregation, SecureAggregation
+from coordinator.round.aggregation import AggregationAbort, make_aggregation
 from privacy import secagg
 from privacy.plan import encode_update, make_round_plan, sparsify_update
 
@@ -31,6 +31,12 @@ def _through_wire(msg: dict) -> dict:
     return wire.unpack(wire.pack({"secagg": msg}))
 
 
+def _submit(site: str, body: dict, stage: str = "advertise") -> wire.Submit:
+    """A site's stage answer as the leader's API hands it on (after `Submit.from_wire`)."""
+    return wire.Submit.from_wire({"site": site, "round": 3, "attempt": 1, "term": 7,
+                                  "stage": stage, **body})
+
+
 def _session(n=6, drop_at_masked=()):
     sites = [f"site-{i}" for i in range(n)]
     keys = {s: Ed25519PrivateKey.generate() for s in sites}
@@ -45,27 +51,28 @@ def _session(n=6, drop_at_masked=()):
     clients = {s: secagg.SecAggClient(plan.secagg, s, keys[s],
                                       {k: bytes.fromhex(v) for k, v in pub.items()}, os.urandom)
                for s in sites}
-    agg = SecureAggregation(plan, pub)
+    agg = make_aggregation(plan, pub)
+    summed = agg.sum
     seen: list[tuple[str, str, dict]] = []
     while True:
-        for s in sorted(agg.expected()):
-            if agg.stage == "masked" and s in drop_at_masked:
+        for s in sorted(summed.expected()):
+            if summed.stage == "masked" and s in drop_at_masked:
                 continue
-            payload = agg.payload_for(s)
+            payload = summed.payload_for(s)
             c = clients[s]
-            if agg.stage == "advertise":
+            if summed.stage == "advertise":
                 out = c.advertise().to_wire()
-            elif agg.stage == "share":
+            elif summed.stage == "share":
                 out = c.share_keys(secagg.KeyDirectory.from_wire(payload["directory"])).to_wire()
-            elif agg.stage == "masked":
+            elif summed.stage == "masked":
                 req = secagg.MaskedInputRequest.from_wire(payload["request"])
                 out = c.masked_input(req, words[s]).to_wire()
             else:
                 out = c.unmask(secagg.UnmaskRequest.from_wire(payload["request"])).to_wire()
             body = _through_wire(out)
-            seen.append((agg.stage, s, body))
-            agg.accept(s, body)
-        if agg.close_stage():
+            seen.append((summed.stage, s, body))
+            summed.accept(s, _submit(s, body, summed.stage))
+        if summed.close_stage():
             return plan, agg, updates, words, seen
 
 
@@ -94,12 +101,12 @@ def test_leader_sees_only_masked_vectors_and_the_exact_sum():
     np.testing.assert_allclose(mean[plan.indices], expected, atol=quantum)
     untouched = np.setdiff1d(np.arange(DIM), plan.indices)
     assert not mean[untouched].any()
-    assert agg.survivors() == sorted(updates)
+    assert agg.sum.survivors() == sorted(updates)
 
 
 def test_dropout_at_masked_input_still_sums_the_survivors():
     plan, agg, updates, words, _ = _session(n=8, drop_at_masked=("site-3",))
-    survivors = agg.survivors()
+    survivors = agg.sum.survivors()
     assert "site-3" not in survivors and len(survivors) == 7
     total_w = sum(updates[s].weight for s in survivors)
     expected = sum(updates[s].values * updates[s].weight for s in survivors) / total_w
@@ -111,20 +118,20 @@ def test_bad_messages_change_nothing():
     keys = {s: Ed25519PrivateKey.generate() for s in sites}
     pub = {s: wire.public_key_hex(k) for s, k in keys.items()}
     plan = _plan(sites)
-    agg = SecureAggregation(plan, pub)
+    agg = make_aggregation(plan, pub).sum
     c = secagg.SecAggClient(plan.secagg, "a", keys["a"],
                             {k: bytes.fromhex(v) for k, v in pub.items()}, os.urandom)
     advert = _through_wire(c.advertise().to_wire())
     with pytest.raises(wire.WireError, match="names 'a'"):
-        agg.accept("b", advert)  # b relays a's advert as its own
+        agg.accept("b", _submit("b", advert))  # b relays a's advert as its own
     with pytest.raises(wire.WireError):
-        agg.accept("a", {"secagg": {"junk": 1}})
+        agg.accept("a", _submit("a", {"secagg": {"junk": 1}}))
     with pytest.raises(wire.WireError):
-        agg.accept("a", {})
+        agg.accept("a", _submit("a", {}))
     assert agg.answered == set()
-    agg.accept("a", advert)
+    agg.accept("a", _submit("a", advert))
     with pytest.raises(wire.WireError):
-        agg.accept("a", advert)  # duplicate
+        agg.accept("a", _submit("a", advert))  # duplicate
     assert agg.answered == {"a"}
     with pytest.raises(AggregationAbort):
         agg.close_stage()  # one advert is below the threshold
@@ -132,15 +139,20 @@ def test_bad_messages_change_nothing():
 
 def test_plain_aggregation_checks_length_and_clip():
     plan = _plan(["a", "b"], secure=False)
-    agg = PlainAggregation(plan, frozenset({"a", "b"}))
+    agg = make_aggregation(plan, {"a": "", "b": ""})
     ok = np.full(plan.k, 0.1, dtype=np.float32)
+
+    def update(site: str, values: np.ndarray, n: int) -> wire.Submit:
+        return _submit(site, {"update": wire.encode_update(values), "num_examples": n},
+                       stage="collect")
+
     with pytest.raises(wire.WireError) as exc:
-        agg.accept("a", {"update": wire.encode_update(ok[:-1]), "num_examples": 5})
+        agg.sum.accept("a", update("a", ok[:-1], 5))
     assert exc.value.code == "wrong_length"
     with pytest.raises(wire.WireError) as exc:
-        agg.accept("a", {"update": wire.encode_update(ok * 10), "num_examples": 5})
+        agg.sum.accept("a", update("a", ok * 10, 5))
     assert exc.value.code == "out_of_range"
-    agg.accept("a", {"update": wire.encode_update(ok), "num_examples": 5})
-    agg.accept("b", {"update": wire.encode_update(-ok), "num_examples": 15})
+    agg.sum.accept("a", update("a", ok, 5))
+    agg.sum.accept("b", update("b", -ok, 15))
     mean = agg.mean_delta()
     np.testing.assert_allclose(mean[plan.indices], (0.5 - 1.5) / 20, rtol=1e-6)

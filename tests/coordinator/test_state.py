@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.state import apply, charge_status, head, initial_state, last_round
+from coordinator.core.queries import charge_status, head, last_round
+from coordinator.core.state import apply, initial_state
 
 H0, H1, H2 = "0" * 64, "1" * 64, "2" * 64
 KEY_A, KEY_B, KEY_C = "a" * 64, "b" * 64, "c" * 64

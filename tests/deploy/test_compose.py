@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from client.config import load_site_config
-from coordinator.config import load_node_config
+from coordinator.cluster.config import load_node_config
 
 COMPOSE = Path(__file__).resolve().parents[2] / "deploy" / "compose"
 NODES = ("n1", "n2", "n3")
@@ -157,8 +157,8 @@ def test_gen_secrets_writes_every_mounted_secret(tmp_path, compose):
 
     from cryptography import x509
 
-    from coordinator import pki
     from coordinator.audit import AuditSigner
+    from coordinator.cluster import pki
 
     for name in NODES:
         cert = x509.load_pem_x509_certificate((out / f"{name}.pem").read_bytes())

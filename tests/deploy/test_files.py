@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from client.config import load_site_config
-from coordinator.config import load_node_config
+from coordinator.cluster.config import load_node_config
 from tests.deploy import clicheck
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,7 +134,7 @@ def _free_port() -> int:
 
 
 def _node_config(tmp_path: Path, admin: str) -> Path:
-    from coordinator import pki
+    from coordinator.cluster import pki
 
     pki.init_ca(tmp_path / "ca")
     ident = pki.issue(tmp_path / "ca", tmp_path, "node", "n1", ("127.0.0.1", "localhost"))
@@ -167,7 +167,8 @@ def _healthcheck(config: Path, *args: str) -> tuple[int, dict]:
 
 
 def test_healthcheck_answers_from_the_admin_api(tmp_path):
-    from coordinator import pki, rpc, wire
+    from coordinator import wire
+    from coordinator.cluster import pki, rpc
 
     port = _free_port()
     config = _node_config(tmp_path, f"0.0.0.0:{port}")

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from client.config import load_site_config
-from coordinator.config import load_node_config
+from coordinator.cluster.config import load_node_config
 
 kv = pytest.importorskip("kubernetes_validate", reason="dev dependency kubernetes-validate")
 

@@ -5,8 +5,8 @@ fields, and real commands with one change) on a state with enrolled and revoked 
 genesis model, an aborted attempt and an open round: each result is ok or a rejection
 with a code, and a rejection leaves the state as it was but for the apply counter and the
 remembered request id. The node's admin and fleet handlers run through the real rpc
-wrapper (unpack, role check, size cap, handler, error mapping) on a Node whose Raft is
-replaced by applying to a local state, without a network: no reply is `internal` (an
+wrapper (unpack, role check, size cap, handler, error mapping) over services whose Raft
+is replaced by applying to a local state, without a network: no reply is `internal` (an
 escaped exception) and a refused call changes neither the state nor the blob store.
 Membership handlers are exercised up to their argument checks (the node is told it is no
 leader, so no change is attempted: a real change needs a running cluster).
@@ -28,13 +28,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coordinator import node as node_mod
-from coordinator import pki, rpc, wire
-from coordinator import state as sm
-from coordinator.blobs import BlobStore
-from coordinator.config import NodeAddress
-from coordinator.driver import RoundDriver
-from coordinator.membership import Membership
+from coordinator import wire
+from coordinator.api import NodeApi
+from coordinator.cluster import pki, rpc
+from coordinator.cluster.blobs import BlobService, BlobStore
+from coordinator.cluster.config import NodeAddress
+from coordinator.cluster.membership import Membership
+from coordinator.cluster.presence import OnlineSites, TaskBell
+from coordinator.core import state as sm
+from coordinator.round.driver import RoundDriver
+from privacy.prg import apply_masks
 from tests.fuzz.common import count, fuzz, plain, tweak
 
 SITES = ["site-a", "site-b", "site-c", "site-d"]
@@ -188,67 +191,49 @@ class _Config:
     peers = ()
 
 
-class _Membership:
-    def peers(self) -> list[NodeAddress]:
-        return []
+class _Membership(Membership):
+    """The real membership over a stand-in replica; blobs count a one-node quorum."""
 
     def cluster_size(self) -> int:
         return 1
 
-    def nodes(self) -> list[dict[str, Any]]:
-        return list(MEMBERS)
 
-    def address(self, raft: str) -> NodeAddress:
-        return SELF
+IDENTITY = pki.Identity(ROOT / "ca" / "ca.pem", ROOT / "node" / "fuzz-node.pem",
+                        ROOT / "node" / "fuzz-node.key")
 
 
-class _Node(node_mod.Node):
-    """The real handlers on a node whose Raft and peers are local stand-ins."""
-
-    def __init__(self) -> None:  # no Raft, no servers
-        self.config = _Config()  # type: ignore[assignment]
-        self.id = "n1"
-        self.identity = pki.Identity(ROOT / "ca" / "ca.pem", ROOT / "node" / "fuzz-node.pem",
-                                     ROOT / "node" / "fuzz-node.key")
-        self.blobs = BlobStore(ROOT / "blobs")
-        self.online = node_mod.OnlineSites()
-        self.tasks_changed = threading.Condition()
-        self._stopping = threading.Event()
-        self._stopping.set()  # a long poll answers at once
-        self._peer_channels = {}
-        self._pool = node_mod.ThreadPoolExecutor(max_workers=1)
-        self.replica = _Replica(copy.deepcopy(BASE))  # type: ignore[assignment]
-        self.membership = _Membership()  # type: ignore[assignment]
-        self.driver = RoundDriver(self)
-
-    def reset(self) -> None:
-        self.replica.machine = copy.deepcopy(BASE)  # type: ignore[attr-defined]
+def _api(leader: bool) -> NodeApi:
+    """The real handlers over stand-in services: Raft applies to a local state, no peers."""
+    replica = _Replica(copy.deepcopy(BASE), leader)
+    membership = _Membership(replica, _Config(), IDENTITY)  # type: ignore[arg-type]
+    blobs = BlobService(BlobStore(ROOT / "blobs"), "n1", rpc.PeerChannels(IDENTITY),
+                        peers=lambda: [], cluster_size=lambda: 1)
+    online, bell = OnlineSites(), TaskBell()
+    driver = RoundDriver("n1", replica, blobs, lambda: 1, online, bell,  # type: ignore[arg-type]
+                         masker=apply_masks)
+    stopping = threading.Event()
+    stopping.set()  # a long poll answers at once
+    return NodeApi(SELF, replica, blobs, membership, driver, online, bell,  # type: ignore[arg-type]
+                   stopping)
 
 
-NODE = _Node()
-FOLLOWER = _Node()
-FOLLOWER.replica.leader_now = False  # type: ignore[attr-defined]
-MEMBERSHIP = Membership(FOLLOWER)
+NODE = _api(leader=True)
+FOLLOWER = _api(leader=False)  # membership changes stop at their checks: no leader here
 HANDLERS: dict[str, tuple[Any, frozenset[str], str]] = {
-    "Status": (NODE.admin_status, node_mod.ADMIN_READERS, wire.ADMIN_SERVICE),
-    "Sites": (NODE.admin_sites, node_mod.ADMIN_READERS, wire.ADMIN_SERVICE),
-    "RoundStatus": (NODE.admin_round_status, node_mod.ADMIN_READERS, wire.ADMIN_SERVICE),
-    "GetBlob": (NODE.admin_get_blob, node_mod.ADMIN_READERS, wire.ADMIN_SERVICE),
-    "Enroll": (NODE.admin_enroll, node_mod.OPERATOR_ONLY, wire.ADMIN_SERVICE),
-    "Revoke": (NODE.admin_revoke, node_mod.OPERATOR_ONLY, wire.ADMIN_SERVICE),
-    "SetBudget": (NODE.admin_set_budget, node_mod.OPERATOR_ONLY, wire.ADMIN_SERVICE),
-    "InitModel": (NODE.admin_init_model, node_mod.OPERATOR_ONLY, wire.ADMIN_SERVICE),
-    "Train": (NODE.admin_train, node_mod.OPERATOR_ONLY, wire.ADMIN_SERVICE),
-    "Stop": (NODE.admin_stop, node_mod.OPERATOR_ONLY, wire.ADMIN_SERVICE),
-    "PutBlob": (NODE.admin_put_blob, node_mod.NODE_ONLY, wire.ADMIN_SERVICE),
-    "AddNode": (MEMBERSHIP.admin_add_node, node_mod.OPERATOR_ONLY, wire.ADMIN_SERVICE),
-    "RemoveNode": (MEMBERSHIP.admin_remove_node, node_mod.OPERATOR_ONLY, wire.ADMIN_SERVICE),
-    "TransferLeader": (MEMBERSHIP.admin_transfer_leader, node_mod.OPERATOR_ONLY,
-                       wire.ADMIN_SERVICE),
-    "Poll": (NODE.fleet_poll, node_mod.FLEET_CALLERS, wire.FLEET_SERVICE),
-    "FleetGetBlob": (NODE.fleet_get_blob, node_mod.FLEET_CALLERS, wire.FLEET_SERVICE),
-    "Submit": (NODE.fleet_submit, node_mod.FLEET_CALLERS, wire.FLEET_SERVICE),
+    **{name: (handler, roles, wire.ADMIN_SERVICE)
+       for name, (handler, roles) in NODE.admin_methods().items()},
+    **{name: (handler, roles, wire.ADMIN_SERVICE)
+       for name, (handler, roles) in FOLLOWER.admin_methods().items()
+       if name in ("AddNode", "RemoveNode", "TransferLeader")},
+    **{("FleetGetBlob" if name == "GetBlob" else name): (handler, roles, wire.FLEET_SERVICE)
+       for name, (handler, roles) in NODE.fleet_methods().items()},
 }
+
+
+def _reset() -> None:
+    NODE.replica.machine = copy.deepcopy(BASE)  # type: ignore[attr-defined]
+
+
 MODEL = wire.encode_model({"w": np.ones((2, 3), np.float32)})
 UNSETTLED = {"round": 1, "attempt": 1, "term": 3, "noise_multiplier": 1.1, "sample_rate": 0.25,
              "steps": 8, "clip_norm": 1.0, "delta": 1e-5}
@@ -300,7 +285,7 @@ def _call(draw: st.DrawFn) -> tuple[str, str, dict[str, Any]]:
 def test_node_handlers(call: tuple[str, str, dict[str, Any]]) -> None:
     method, role, msg = call
     count("node admin+fleet handlers")
-    NODE.reset()
+    _reset()
     handler, roles, service = HANDLERS[method]
     blobs_before = sorted(p.name for p in (ROOT / "blobs").iterdir())
     wrapped = rpc._wrap(handler, roles, service, method.removeprefix("Fleet"))
