@@ -82,6 +82,7 @@ class Agent:
         self._model_cache: dict[str, Parameters] = {}
         self._work: RoundWork | None = None
         self.residual_path = Path(state_dir) / RESIDUAL_FILE
+        self._site = Site(site_id, identity_key, trainer, self.state, self.residual_path)
         self.stopped = threading.Event()
 
     # ------------------------------------------------------------ connection
@@ -222,7 +223,7 @@ class Agent:
         parent = self._fetch_model(task.parent) if task.parent else None
         if base is None or (task.parent and parent is None):
             return None
-        site = Site(self.site_id, self.key, self.trainer, self.state, self.residual_path)
+        site = self._site
         try:
             self._work = RoundWork(site, task, base, parent)
         except BudgetRefusal as exc:

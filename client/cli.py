@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -25,10 +26,12 @@ from client.config import PrivacyConfig, SiteConfig, SiteConfigError, load_site_
 if TYPE_CHECKING:
     from client.training import LocalTrainer
 
+# errors are reported by main() in one line: a rich trace would print local variables
 app = typer.Typer(help="fedraft site agent: train locally, share only protected updates.",
+                  pretty_exceptions_enable=False,
                   no_args_is_help=True)
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error is one line, however long
 log = logging.getLogger(__name__)
 
 
@@ -240,3 +243,14 @@ def main() -> None:
         app()
     except BrokenPipeError:
         sys.exit(0)
+    except Exception as exc:  # a failure no command turned into its own message
+        sys.exit(_crash_exit(exc))
+
+
+def _crash_exit(exc: Exception) -> int:
+    """One line, never a trace with local variables: they hold the site's TLS and identity
+    keys. FEDRAFT_DEBUG=1 prints the trace too, without locals."""
+    if os.environ.get("FEDRAFT_DEBUG"):
+        traceback.print_exception(exc)
+    print(f"fedraft-client: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return 2 if isinstance(exc, OSError) else 1

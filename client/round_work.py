@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +40,18 @@ class BudgetRefusal(Exception):
 @dataclass(frozen=True)
 class Site:
     """What a round attempt needs of the agent: who the site is, what trains, and where
-    its durable state lives."""
+    its durable state lives.
+
+    `training` is held while a local training runs. An attempt the site leaves (its stage
+    deadline passed) keeps training in its thread; the next attempt's training waits for
+    it instead of running beside it on the same model, which trainers do not allow."""
 
     site_id: str
     key: Ed25519PrivateKey
     trainer: LocalTrainer
     state: DurableState
     residual_path: Path
+    training: threading.Lock = field(default_factory=threading.Lock, compare=False)
 
 
 class RoundWork:
@@ -98,9 +103,10 @@ class RoundWork:
     def _train(self) -> None:
         trainer = self.site.trainer
         try:
-            t0 = time.monotonic()
-            ev = trainer.evaluate(self.base, self.config)
-            self._fit = trainer.fit(self.base, self.config)
+            with self.site.training:  # one local training at a time (see Site)
+                t0 = time.monotonic()
+                ev = trainer.evaluate(self.base, self.config)
+                self._fit = trainer.fit(self.base, self.config)
             self._record_run(self._fit.metrics)
             self._metrics = {"eval_accuracy": float(ev.metrics.get("accuracy", 0.0)),
                              "eval_loss": float(ev.loss),

@@ -49,13 +49,15 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, *, mode: int | None = None, exclusive: bool = False) -> None:
+def write_atomic(path: Path, data: bytes, *, mode: int | None = 0o600,
+                 exclusive: bool = False) -> None:
     """Write `data` to `path` so that a reader, even after a power cut, sees the old file
     or the new one, never a torn one.
 
-    `mode` sets the file's permissions exactly (the umask does not narrow them); without
-    it the file gets what `open()` would give it. `exclusive` never replaces an existing
-    file (FileExistsError, nothing written): for keys, which must not be overwritten.
+    `mode` sets the file's permissions exactly (the umask does not narrow them); the
+    default, 0600, suits a site's own files (its residual, its ledger, its agent state are
+    nobody else's business). `exclusive` never replaces an existing file (FileExistsError,
+    nothing written): for keys, which must not be overwritten.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,8 +3,8 @@
 This module builds the root app and mounts the command groups; each group lives in its
 own module under `coordinator.commands`.
 
-Exit codes: 0 done; 1 the cluster refused (the reply's error is printed); 2 bad usage
-or configuration; 3 no node answered; 4 a wait timed out.
+Exit codes: 0 done; 1 the cluster refused or the command failed (the error is printed, in
+one line); 2 bad usage or configuration; 3 no node answered; 4 a wait timed out.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import typer
 from coordinator.audit.cli import audit_app
 from coordinator.commands.certs import certs_app
 from coordinator.commands.cluster import cluster_app
+from coordinator.commands.common import crash_exit
 from coordinator.commands.demo import demo
 from coordinator.commands.models import model_app
 from coordinator.commands.node import node_app
@@ -24,7 +25,9 @@ from coordinator.commands.privacy import privacy_app
 from coordinator.commands.rounds import round_app
 from coordinator.commands.sites import client_app
 
-app = typer.Typer(help="fedraft coordinator: nodes, sites, rounds, models.", no_args_is_help=True)
+# errors are reported by main() in one line: a rich trace would print local variables
+app = typer.Typer(help="fedraft coordinator: nodes, sites, rounds, models.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
 app.add_typer(audit_app, name="audit", help="Query and verify the audit log (auditors).")
 for sub, name in ((node_app, "node"), (cluster_app, "cluster"), (client_app, "client"),
                   (round_app, "round"), (model_app, "model"), (certs_app, "certs"),
@@ -46,3 +49,5 @@ def main() -> None:
         app()
     except BrokenPipeError:
         sys.exit(0)
+    except Exception as exc:  # a failure no command turned into its own message
+        sys.exit(crash_exit(exc))

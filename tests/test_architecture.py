@@ -40,7 +40,7 @@ LAYERS: dict[str, set[str]] = {
     "coordinator.node": {"coordinator.api", "coordinator.wire", "coordinator.core",
                          "coordinator.cluster", "coordinator.round", "coordinator.audit"},
     "coordinator.ops": {"coordinator.wire", "coordinator.cluster", "coordinator.durable"},
-    "coordinator.demo": {"coordinator.wire", "coordinator.cluster", "coordinator.ops",
+    "coordinator.demo": {"coordinator.wire", "coordinator.cluster", "coordinator.ops", "coordinator.durable",
                          "coordinator.audit", "coordinator.round", "coordinator.lifeline"},
     "coordinator.commands": {"coordinator.wire", "coordinator.cluster", "coordinator.ops",
                              "coordinator.audit", "coordinator.demo", "coordinator.node",

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from coordinator import durable
+from coordinator import durable, wire
 
 ROLES = ("node", "client", "operator", "auditor")
 
@@ -80,9 +80,20 @@ def issue(
     hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
     days: int = 365,
 ) -> Identity:
-    """Issue `name`.pem/.key for `role`, with `hosts` as DNS or IP subject alt names."""
+    """Issue `name`.pem/.key for `role`, with `hosts` as DNS or IP subject alt names.
+
+    Refuses (FileExistsError, nothing written) to replace an existing key or certificate:
+    an `--out` pointing at the CA's own directory must not overwrite the CA."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    if not wire.SITE_ID.fullmatch(name):
+        raise ValueError(f"name {name!r} must be 1-64 letters, digits, '_', '.' or '-', "
+                         "starting with a letter or digit (it names the key file)")
+    cert_path, key_path = out_dir / f"{name}.pem", out_dir / f"{name}.key"
+    for existing in (key_path, cert_path):
+        if existing.exists():
+            raise FileExistsError(f"{existing} exists; refusing to overwrite a key or "
+                                  "certificate (remove it first, or issue into another --out)")
     ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
     ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -115,7 +126,6 @@ def issue(
         .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = out_dir / f"{name}.pem", out_dir / f"{name}.key"
     durable.write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
     durable.write_atomic(key_path, _key_pem(key), mode=0o600)
     return Identity(ca=ca_dir / "ca.pem", cert=cert_path, key=key_path)

@@ -36,5 +36,12 @@ def certs_issue(
     if role not in pki.ROLES:
         err.print(f"[red]role must be one of {', '.join(pki.ROLES)}[/]")
         raise typer.Exit(EXIT_USAGE)
-    ident = pki.issue(ca_dir, out, role, name, tuple(host or ("127.0.0.1", "localhost")))
+    try:
+        ident = pki.issue(ca_dir, out, role, name, tuple(host or ("127.0.0.1", "localhost")))
+    except (FileExistsError, ValueError) as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(EXIT_USAGE) from None
+    except OSError as exc:  # the CA files cannot be read, or --out cannot be written
+        err.print(f"[red]cannot issue: {exc.strerror or exc}: {exc.filename}[/]")
+        raise typer.Exit(EXIT_USAGE) from None
     console.print(f"{ident.cert} and {ident.key}")

@@ -1,12 +1,15 @@
 """What every `fedraft` command group shares: consoles, options, exit codes, helpers.
 
-Exit codes: 0 done; 1 the cluster refused (the reply's error is printed); 2 bad usage
-or configuration; 3 no node answered; 4 a wait timed out.
+Exit codes: 0 done; 1 the cluster refused or the command failed (the error is printed);
+2 bad usage or configuration; 3 no node answered; 4 a wait timed out.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,7 +23,7 @@ from coordinator.ops.admin_client import AdminClient, Refused, Unreachable, load
 EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 1, 2, 3, 4
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error is one line, however long
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="operator TOML (env FEDRAFT_CONFIG)")]
 AdminOpt = Annotated[str | None, typer.Option("--admin", help="host:port[,host:port] (env FEDRAFT_ADMIN)")]
@@ -55,3 +58,18 @@ def run(fn: Callable[[], Any]) -> Any:
 def emit(obj: dict[str, Any]) -> None:
     """Print one JSON object (the `--json` output)."""
     print(json.dumps(obj, sort_keys=True, default=str))
+
+
+def crash_exit(exc: Exception) -> int:
+    """Report an error no command turned into its own message, in one line, and return the
+    exit code. Never a trace with local variables: they hold secrets (the Raft password, a
+    private key). FEDRAFT_DEBUG=1 prints the trace too, without locals."""
+    if os.environ.get("FEDRAFT_DEBUG"):
+        traceback.print_exception(exc)
+    if isinstance(exc, OSError):  # a file or address the operator gave
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"fedraft: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"fedraft: {type(exc).__name__}: {exc} (FEDRAFT_DEBUG=1 shows where)", file=sys.stderr)
+    return EXIT_REFUSED
+

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from coordinator.cluster.config import ConfigError
 from coordinator.commands.common import EXIT_USAGE, err
@@ -35,6 +36,10 @@ def node_start(
         raise typer.Exit(EXIT_USAGE) from None
     if cfg.log_json and not json_logs:
         setup_logging(log_level, True)
-    node = Node(cfg)
-    node.start()
+    try:
+        node = Node(cfg)
+        node.start()
+    except (OSError, ValueError) as exc:  # a key, certificate, database or address it cannot use
+        err.print(f"[red]node {cfg.self_addr.id} cannot start:[/] {escape(str(exc))}")
+        raise typer.Exit(EXIT_USAGE) from None
     node.wait()

@@ -21,12 +21,21 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from coordinator import lifeline, wire
+from coordinator import durable, lifeline, wire
 from coordinator.audit import AuditSigner
 from coordinator.cluster import pki
 from coordinator.cluster.config import NodeAddress, render_node_config
 from coordinator.ops.admin_client import AdminClient, OperatorConfig, Refused, Unreachable
 from coordinator.round.faults import FAULT_HOLD_ENV
+
+
+def _identity(ca_dir: Path, out: Path, role: str, name: str,
+              hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> pki.Identity:
+    """The TLS identity in `out`, issued unless a cluster made in this root already did."""
+    cert, key = out / f"{name}.pem", out / f"{name}.key"
+    if cert.exists() and key.exists():
+        return pki.Identity(ca_dir / "ca.pem", cert, key)
+    return pki.issue(ca_dir, out, role, name, hosts)
 
 
 def free_ports(n: int) -> list[int]:
@@ -109,7 +118,7 @@ class LocalCluster:
             self.env[FAULT_HOLD_ENV] = str(self.hold_file)
         if not (self.ca_dir / "ca.pem").exists():
             pki.init_ca(self.ca_dir)
-        self.operator = pki.issue(self.ca_dir, self.root / "operator", "operator", "operator")
+        self.operator = _identity(self.ca_dir, self.root / "operator", "operator", "operator")
         self.audit_key = self.root / "audit-key.pem"
         if not self.audit_key.exists():
             AuditSigner.generate().save(self.audit_key)
@@ -123,7 +132,7 @@ class LocalCluster:
         for node in self.nodes:
             d = self.root / node.id
             host = node.raft.rpartition(":")[0]
-            ident = pki.issue(self.ca_dir, d / "tls", "node", node.id,
+            ident = _identity(self.ca_dir, d / "tls", "node", node.id,
                               hosts=tuple(dict.fromkeys((host, "127.0.0.1", "localhost"))))
             (d / "node.toml").write_text(render_node_config(
                 node, [p for p in self.nodes if p != node], d / "data", ident.ca, ident.cert,
@@ -154,7 +163,7 @@ class LocalCluster:
         node = NodeAddress(node_id, f"127.0.0.1:{r}", f"127.0.0.1:{f}", f"127.0.0.1:{a}")
         members = [n for n in self.nodes if peers is None or n.id in peers]
         d = self.root / node_id
-        ident = pki.issue(self.ca_dir, d / "tls", "node", node_id)
+        ident = _identity(self.ca_dir, d / "tls", "node", node_id)
         (d / "node.toml").write_text(render_node_config(
             node, members, d / "data", ident.ca, ident.cert, ident.key, self.election,
             self.audit_key, join=True))
@@ -252,10 +261,10 @@ class LocalCluster:
         key = Ed25519PrivateKey.generate()
         d = self.root / "sites" / site
         d.mkdir(parents=True, exist_ok=True)
-        (d / "identity.pem").write_bytes(key.private_bytes(
+        durable.write_atomic(d / "identity.pem", key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
-        pki.issue(self.ca_dir, d / "tls", "client", site)
+            serialization.NoEncryption()), mode=0o600)
+        _identity(self.ca_dir, d / "tls", "client", site)
         self.site_keys[site] = key
         if enroll:
             msg = {"site": site, "public_key": wire.public_key_hex(key)}

@@ -5,6 +5,8 @@ by type, and a malformed task is skipped."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -225,3 +227,38 @@ def test_agent_answers_a_task_once(tmp_path: Path) -> None:
     sent = node.submitted[0]
     assert {k: sent[k] for k in ("round", "attempt", "term", "stage", "num_examples")} == {
         "round": 3, "attempt": 1, "term": 2, "stage": "collect", "num_examples": 17}
+
+
+class SlowTrainer(ShiftTrainer):
+    """Trains for `seconds` and records how many fits ever ran at once."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.running = 0
+        self.most = 0
+        self._count = threading.Lock()
+
+    def fit(self, params: Parameters, config: Mapping[str, Any]) -> FitResult:
+        with self._count:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            time.sleep(self.seconds)
+            return super().fit(params, config)
+        finally:
+            with self._count:
+                self.running -= 1
+
+
+def test_training_that_outlives_its_deadline_never_runs_beside_the_next(tmp_path: Path) -> None:
+    trainer = SlowTrainer(1.5)
+    site = _site(tmp_path, trainer)
+    late = wire.Task.from_wire({**_task(), "deadline_s": 0.0})  # waits 1 s, then gives up
+    with pytest.raises(secagg.ProtocolAbort, match="did not finish"):
+        RoundWork(site, late, BASE, None).answer(late)
+    retry = wire.Task.from_wire({**_task(), "attempt": 2})
+    body = RoundWork(site, retry, BASE, None).answer(retry)  # the site joins the next attempt
+    assert body["attempt"] == 2 and site.state.joined("3.2.2")
+    assert not site.state.joined("3.1.2")  # the abandoned attempt sent nothing
+    assert trainer.fits == 2 and trainer.most == 1

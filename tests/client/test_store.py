@@ -110,3 +110,16 @@ def test_residual_round_trip(tmp_path: Path) -> None:
     assert np.load(path).tolist() == [1.0, -2.0, 0.5]  # still a plain .npy file
     assert load_residual(path, 3).tolist() == [1.0, -2.0, 0.5]  # type: ignore[union-attr]
     assert load_residual(path, 4) is None  # another model's length
+
+
+def test_site_state_files_are_private(tmp_path: Path) -> None:
+    """The residual and the agent's state are the site's alone: 0600, whatever the umask."""
+    old = os.umask(0o022)
+    try:
+        save_residual(tmp_path / "residual.npy", np.ones(3))
+        state = DurableState(tmp_path / "state")
+        state.mark_joined("1.1.1")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "residual.npy", state.path):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
