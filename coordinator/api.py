@@ -142,8 +142,8 @@ class NodeApi:
         if not isinstance(digest, str):
             return wire.error("malformed", "hash required")
         try:
-            return {"ok": True, "data": self.blobs.store.get(digest)}
-        except BlobError as exc:
+            return {"ok": True, "data": self.blobs.serve(digest)}
+        except BlobError as exc:  # absent, or damaged (quarantined, being fetched again)
             return wire.error("not_found", str(exc))
 
     def admin_get_blob(self, msg: dict[str, Any], caller: Caller) -> Reply:

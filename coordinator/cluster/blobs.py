@@ -2,12 +2,15 @@
 
 `BlobStore` is one node's directory of blobs. A blob's name is the sha256 of its bytes,
 so any node can serve it and any reader can check it; writes are atomic
-(`coordinator.durable`), so a crash leaves either the whole blob or nothing.
+(`coordinator.durable`), so a crash leaves either the whole blob or nothing. Every read
+is checked against the name: a damaged file (a bad disk, an operator's mistake) is moved
+to `quarantine/` and reported as missing, never served.
 
 `BlobService` moves blobs between nodes: it pushes a new version to the peers until a
 quorum holds it (a version counts as committed only then), fetches a blob a node lacks
-from its peers, and, in the background, pulls every committed version the node is
-missing (after a restart, say).
+or has quarantined from its peers, and, in the background, pulls every committed version
+the node is missing; at start it checks every committed blob it holds, so damage done
+while the node was down heals before anyone asks.
 """
 
 from __future__ import annotations
@@ -35,10 +38,15 @@ class BlobError(Exception):
     pass
 
 
+class CorruptBlob(BlobError):
+    """A blob whose bytes no longer hash to its name; it has been quarantined."""
+
+
 class BlobStore:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.quarantine_dir = self.directory / "quarantine"
 
     def _path(self, digest: str) -> Path:
         if len(digest) != 64 or not set(digest) <= HEX64_CHARS:
@@ -52,22 +60,43 @@ class BlobStore:
         digest = sha256_hex(data)
         if expected is not None and expected != digest:
             raise BlobError(f"content hashes to {digest}, not {expected}")
-        path = self._path(digest)
-        if path.exists():
-            return digest
-        durable.write_atomic(path, data)
+        if not self.intact(digest):  # absent, or damaged and now quarantined
+            durable.write_atomic(self._path(digest), data)
         return digest
 
     def get(self, digest: str) -> bytes:
-        """The blob's bytes, checked against its name (a corrupt file is an error)."""
+        """The blob's bytes, checked against its name; CorruptBlob (and the file moved to
+        quarantine) when they do not match, BlobError when there is none."""
         path = self._path(digest)
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             raise BlobError(f"no blob {digest}") from None
         if sha256_hex(data) != digest:
-            raise BlobError(f"blob {digest} is corrupt on disk")
+            where = self.quarantine(digest)
+            raise CorruptBlob(f"blob {digest} was corrupt on disk (moved to {where})")
         return data
+
+    def intact(self, digest: str) -> bool:
+        """Whether the blob is here and undamaged (a damaged one is quarantined)."""
+        try:
+            self.get(digest)
+        except BlobError:
+            return False
+        return True
+
+    def quarantine(self, digest: str) -> Path:
+        """Move a damaged blob out of the way, kept for a post-mortem, and say so."""
+        self.quarantine_dir.mkdir(exist_ok=True)
+        target = self.quarantine_dir / f"{digest}.{time.time_ns()}"
+        try:
+            self._path(digest).replace(target)
+        except FileNotFoundError:
+            return target  # another thread moved it first
+        durable.fsync_dir(self.directory)
+        log.error("blob %s is corrupt on disk: moved to %s; fetching it again from a peer",
+                  digest[:12], target, extra={"event": "blob_quarantined", "blob": digest})
+        return target
 
     def size(self, digest: str) -> int:
         return self._path(digest).stat().st_size
@@ -104,11 +133,28 @@ class BlobService:
         return False
 
     def get(self, digest: str) -> bytes | None:
-        """The blob, from this node or fetched from a peer; None when no reachable node has it."""
-        if self.store.has(digest) or self.fetch_from_peers(digest):
-            return self.store.get(digest)
+        """The blob, from this node or fetched from a peer (a damaged local copy is
+        replaced); None when no reachable node has a good one."""
+        for _ in range(2):
+            try:
+                return self.store.get(digest)
+            except CorruptBlob:
+                pass  # quarantined: fetch a good copy below
+            except BlobError:
+                pass
+            if not self.fetch_from_peers(digest):
+                break
         log.warning("model %s is on no reachable peer yet", digest[:12])
         return None
+
+    def serve(self, digest: str) -> bytes:
+        """The blob for a site or a peer; a damaged copy is never served, and is fetched
+        again in the background."""
+        try:
+            return self.store.get(digest)
+        except CorruptBlob:
+            self.want(digest)
+            raise
 
     def replicate(self, data: bytes, digest: str, timeout: float) -> list[str]:
         """Store locally, push to peers, return the ids of nodes that hold the blob.
@@ -146,15 +192,17 @@ class BlobService:
             return None
 
     def want(self, digest: str) -> None:
-        """A committed version names `digest`: fetch it in the background if it is missing.
-        Cheap: called on the Raft thread."""
+        """A committed version names `digest`, or this node's copy was damaged: fetch it in
+        the background if it is missing. Cheap: called on the Raft thread."""
         if not self.store.has(digest):
             self._missing.add(digest)
             self._wakeup.set()
 
     def follow(self, committed: Callable[[], list[str]], stopping: threading.Event) -> None:
-        """Pull every committed version this node lacks from its peers, until `stopping`."""
-        self._missing.update(h for h in committed() if not self.store.has(h))
+        """Check every committed blob this node holds once (damage done while it was down
+        is quarantined), then pull every committed version it lacks from its peers, until
+        `stopping`."""
+        self._missing.update(h for h in committed() if not self.store.intact(h))
         while not stopping.is_set():
             self._wakeup.wait(2.0)
             self._wakeup.clear()

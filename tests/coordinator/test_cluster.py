@@ -243,7 +243,11 @@ def test_follower_restarted_from_disk_catches_up(cluster):
     leader = cluster.wait_leader()
     follower = next(n.id for n in cluster.nodes if n.id != leader)
     cluster.kill_node(follower, signal.SIGKILL)
-    before = cluster.admin.call("RoundStatus")["last_round"]
+    status = cluster.admin.call("RoundStatus")
+    before = status["last_round"]
+    # damage done while it is down: it checks every blob it holds when it starts
+    genesis = status["versions"][0]["hash"]
+    _damage(cluster.blob_dir(follower) / genesis)
     cluster.admin.call("Train", {"rounds": 2, "config": FAST})
     st = cluster.wait_round(before + 2, timeout=60)
     _restart(cluster, follower)
@@ -261,6 +265,7 @@ def test_follower_restarted_from_disk_catches_up(cluster):
             except Refused:
                 assert time.monotonic() < deadline, f"{follower} lacks blob {v['hash'][:12]}"
                 time.sleep(0.3)
+    assert len(list((cluster.blob_dir(follower) / "quarantine").glob(genesis + ".*"))) == 1
 
 
 def test_forged_site_key_cannot_submit(cluster):
@@ -329,3 +334,36 @@ def test_round_start_cli_sets_any_round_key(cluster):
     assert st["config"]["residual_decay"] == 0.9 and st["config"]["server_lr"] == 1.5
     assert st["config"]["lr_final"] == 0.5
     assert_one_chain(st["versions"])
+
+
+def _damage(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_blob_is_never_served_and_heals_on_every_node(cluster):
+    st = cluster.admin.call("RoundStatus")
+    head = st["versions"][-1]["hash"]
+    leader = cluster.wait_leader()
+    follower = next(n.id for n in cluster.nodes if n.id != leader)
+    for node in (leader, follower):
+        _damage(cluster.blob_dir(node) / head)
+    # a damaged copy is refused, not served, and set aside
+    r = cluster.admin.call("GetBlob", {"hash": head}, endpoint=cluster.admin_of(follower),
+                           check=False)
+    assert not r["ok"] and r["code"] == "not_found" and "corrupt" in r["error"]
+    # the leader's round reads its damaged base, fetches a good copy and commits
+    cluster.admin.call("Train", {"rounds": 1, "config": FAST})
+    after = cluster.wait_round(st["last_round"] + 1, timeout=90)
+    assert after["versions"][-2]["hash"] == head
+    assert_one_chain(after["versions"])
+    for node in (leader, follower):  # both healed from a peer; the damage kept for a post-mortem
+        path = cluster.blob_dir(node) / head
+        deadline = time.monotonic() + 20
+        while not (path.exists() and wire.sha256_hex(path.read_bytes()) == head):
+            assert time.monotonic() < deadline, f"{node}'s copy of {head[:12]} never healed"
+            time.sleep(0.2)
+        kept = (cluster.blob_dir(node) / "quarantine").glob(head + ".*")
+        assert len(list(kept)) == 1
+    assert model_at(cluster, head)  # and it is served again
