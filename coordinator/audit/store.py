@@ -202,6 +202,19 @@ class AuditStore:
         self.add_signer(new_signer)
         return self._append(KEY_ROTATION, payload, raft_index, new_signer, expected_seq)
 
+    def check_writable(self) -> None:
+        """Refuse, before the first append, a log this store cannot extend: one whose key in
+        force is not among its signers (another cluster's log, or the wrong audit key).
+        Appends to it would all fail; a node must not start on it and skip them silently."""
+        with self._lock:
+            head = self._load_head()
+        if head.size and (head.key_id is None or head.key_id not in self._signers):
+            mine = ", ".join(sorted(self._signers)) or "none"
+            raise AuditKeyError(
+                f"the audit log in {self.describe()} is signed by key {head.key_id}, not by this "
+                f"node's audit key ({mine}): it holds another cluster's log, or [audit] key is "
+                "the wrong file")
+
     def ensure_genesis(self) -> Entry:
         """Write the genesis entry if the log is empty; return it either way."""
         with self._lock:

@@ -100,6 +100,11 @@ class AuditWriter:
         """`on_written(kind)` hears of each entry actually appended (metrics), not of
         replays of entries the log already holds."""
         self.store = AuditStore(url, signer=signer)
+        try:
+            self.store.check_writable()  # never start on a log whose appends would all fail
+        except BaseException:
+            self.store.close()
+            raise
         self._on_written = on_written
         self._queue: queue.Queue[tuple[int, str, dict[str, Any]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from coordinator.audit import AuditSigner
+from coordinator.audit import AuditKeyError, AuditSigner
 from coordinator.audit.entry import PayloadError, validate_payload
 from coordinator.audit.store import open_readonly
 from coordinator.audit.writer import AuditWriter, audit_record
@@ -125,3 +125,17 @@ def test_writer_keeps_each_entry_as_applied(tmp_path: Path, signer: AuditSigner)
         assert by_kind["charge_recorded"]["charges"] == {"site-a": CHARGE}
     finally:
         store.close()
+
+
+def test_a_writer_refuses_another_clusters_log(tmp_path: Path) -> None:
+    """A node whose audit database holds a log signed by another key would fail every append;
+    it refuses to start on it instead, naming both keys. Its own log reopens fine."""
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    theirs, mine = AuditSigner.generate(), AuditSigner.generate()
+    writer = AuditWriter(url, theirs)
+    writer.store.ensure_genesis()
+    writer.close()
+    with pytest.raises(AuditKeyError) as exc:
+        AuditWriter(url, mine)
+    assert theirs.key_id in str(exc.value) and mine.key_id in str(exc.value)
+    AuditWriter(url, theirs).close()
