@@ -7,23 +7,20 @@ journaled command before the state exists. Settings follow shared/notes/pysyncob
 password always set, batching off, journal and full dump together, compaction
 effectively off, leader fallback close to the election timeout.
 
-Durability: pysyncobj writes its journal through mmap and never syncs it, so a SIGKILL
-loses nothing (the page cache keeps it) but a power cut could lose entries a node has
-already acknowledged. `make_journal_durable` syncs every append and truncation to disk
-before pysyncobj goes on to acknowledge it (0.3 ms per entry measured here), and the
-term/vote file with it.
+What pysyncobj 0.3.17 does not do right for us is patched in `raft_patches`: journal
+appends and the term/vote file are synced before they are acknowledged, followers
+truncate their log only where a leader's entry conflicts (Raft 5.3), idle links are kept
+alive, and a leader's hang-up starts an election at once.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import os
-import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +28,14 @@ from pysyncobj import SyncObj, SyncObjConf, SyncObjConsumer, replicated
 from pysyncobj.config import FAIL_REASON
 from pysyncobj.syncobj import SyncObjException
 
-from coordinator import durable, wire
+from coordinator import wire
+from coordinator.cluster.raft_patches import (
+    elect_soon_when_leader_hangs_up,
+    hold_elections_until_led,
+    keep_links_alive,
+    make_journal_durable,
+    truncate_only_on_conflict,
+)
 from coordinator.core import state as sm
 
 log = logging.getLogger(__name__)
@@ -118,6 +122,7 @@ class Replica:
         self.state = ReplicatedState(on_applied)
         self.sync = SyncObj(self_addr, peers, conf, consumers=[self.state])
         make_journal_durable(self.sync)
+        truncate_only_on_conflict(self.sync)
         keep_links_alive(self.sync, interval=election[1] / 4)
         elect_soon_when_leader_hangs_up(self.sync, spread=min(0.3, election[0] / 3))
         if join and self._raw_status()["log_len"] <= 1:
@@ -324,144 +329,3 @@ class Replica:
 
     def destroy(self) -> None:
         self.sync.destroy()
-
-
-KEEPALIVE = {"type": "fedraft_keepalive"}  # pysyncobj ignores message types it does not know
-
-
-def keep_links_alive(sync: SyncObj, interval: float) -> None:
-    """Send every other member a message pysyncobj ignores, every `interval` seconds.
-
-    Followers never talk to each other, so pysyncobj drops their links after
-    `connectionTimeout` without data and redials a second later: about half the time
-    one follower cannot reach another. A candidate then misses votes; with four members
-    most leadership transfers failed (the target reached only the old leader) and a
-    leader's death costs extra election rounds. Runs on the tick thread, which owns the
-    transport. Reaches into pysyncobj 0.3.17's transport and member set; raises if they
-    moved."""
-    transport = sync._SyncObj__transport  # type: ignore[attr-defined]
-    if not isinstance(sync._SyncObj__otherNodes, set):  # type: ignore[attr-defined]
-        raise RuntimeError("pysyncobj internals moved: no member set to keep alive")
-    due = [0.0]
-
-    def beat() -> None:
-        now = time.monotonic()
-        if now < due[0]:
-            return
-        due[0] = now + interval
-        for node in list(sync._SyncObj__otherNodes):  # type: ignore[attr-defined]
-            transport.send(node, KEEPALIVE)
-
-    sync.addOnTickCallback(beat)
-
-
-def hang_up_election_delay(
-    self_address: str, member_addresses: Iterable[str], leader_address: str, spread: float, u: float
-) -> float:
-    """Seconds this follower waits before standing, once the leader's link has closed.
-
-    Every follower hears the hang-up within the same millisecond. Had they all drawn
-    from one window, two would often stand before either's vote request arrived and
-    split the vote, and the retry waits out a full election timeout. So the survivors
-    take turns by address: the first stands after ``spread / 3`` (about one heartbeat
-    period, so a live leader whose link merely dropped gets a heartbeat through first),
-    the next one ``spread`` later, and so on. The first's request reaches the others long
-    before their turn and, when they vote for it, pushes their own deadlines back; if
-    its log is behind they refuse, and the next in turn stands a term higher. ``u`` is a
-    uniform draw in [0, 1) that jitters each turn by up to ``spread / 6``."""
-    survivors = sorted(set(member_addresses) - {leader_address} | {self_address})
-    return spread * (survivors.index(self_address) + 1 / 3 + u / 6)
-
-
-def elect_soon_when_leader_hangs_up(sync: SyncObj, spread: float) -> None:
-    """Stand for election soon after the leader's link closes (``hang_up_election_delay``).
-
-    A crashed leader process (SIGKILL, OOM, a panic) has its sockets closed by its kernel,
-    so the followers learn of the death at once; waiting out the full 1-2 s election
-    timeout then only adds latency. Raft's safety never depends on timing, so an early
-    election is safe. A leader that is merely cut off (partition, SIGSTOP, a dead
-    machine) closes nothing and is still detected by the timeout; a live leader whose
-    link dropped redials and its next heartbeat pushes the deadline back, as usual.
-    Reaches into pysyncobj 0.3.17's transport callback and election deadline; raises if
-    they moved."""
-    attr = "_SyncObj__raftElectionDeadline"
-    getattr(sync, attr)
-    transport = sync._SyncObj__transport  # type: ignore[attr-defined]
-    original = transport._onNodeDisconnectedCallback
-    if original is None:
-        raise RuntimeError("pysyncobj internals moved: no node-disconnected callback")
-
-    def on_disconnected(node: Any) -> None:  # tick thread
-        original(node)
-        if sync._getLeader() == node and not sync._isLeader():
-            delay = hang_up_election_delay(
-                sync.selfNode.address,
-                (n.address for n in sync.otherNodes),
-                node.address,
-                spread,
-                random.random(),
-            )
-            setattr(sync, attr, min(getattr(sync, attr), time.monotonic() + delay))
-            log.info("leader %s hung up: election in %.2f s", node, delay, extra={"event": "leader_hung_up"})
-
-    transport.setOnNodeDisconnectedCallback(on_disconnected)
-
-
-def hold_elections_until_led(sync: SyncObj) -> None:
-    """Keep a node that joins a running cluster from starting elections until a leader
-    has contacted it.
-
-    Until the leader adds it, the members drop its connections, but pysyncobj counts it
-    as connected for a moment after each dial and lets it stand for election: its term
-    climbs, and once added its first reply deposes the leader (one needless election
-    per added node). With an empty log it could never win anyway. It still votes.
-    Reaches into pysyncobj 0.3.17's election deadline; raises if that moved."""
-    attr = "_SyncObj__raftElectionDeadline"
-    getattr(sync, attr)
-    led = threading.Event()
-
-    def hold() -> None:  # runs on the tick thread, after this tick's election check
-        if led.is_set():
-            return
-        if sync._getLeader() is not None:
-            led.set()
-            return
-        setattr(sync, attr, time.monotonic() + 3600.0)
-
-    sync.addOnTickCallback(hold)
-
-
-def make_journal_durable(sync: SyncObj) -> None:
-    """Sync the Raft journal after every append and truncation, and the term/vote file.
-
-    pysyncobj 0.3.17 (pinned) keeps its journal in ``_SyncObj__raftLog``; appends and
-    truncations reach the disk before the call returns, so before the follower's reply
-    or the leader's count of its own copy. Raises if the pinned internals moved."""
-    journal = sync._SyncObj__raftLog  # type: ignore[attr-defined]
-    flush = journal.flush
-    add, delete_from = journal.add, journal.deleteEntriesFrom
-
-    def durable_add(command: Any, idx: int, term: int) -> None:
-        add(command, idx, term)
-        flush()
-
-    def durable_delete_from(entry_from: int) -> None:
-        delete_from(entry_from)
-        flush()
-
-    journal.add = durable_add
-    journal.deleteEntriesFrom = durable_delete_from
-    meta = journal._FileJournal__metaStorer  # the current term and vote: Raft needs them durable
-    store = meta.storeMeta
-    path = meta.getPath()
-
-    def durable_store(values: dict[str, Any]) -> None:
-        store(values)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        durable.fsync_dir(os.path.dirname(path) or ".")
-
-    meta.storeMeta = durable_store

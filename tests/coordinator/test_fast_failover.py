@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coordinator.cluster.replica import hang_up_election_delay
+from coordinator.cluster.raft_patches import hang_up_election_delay
 from coordinator.demo.cluster import LocalCluster
 
 ELECTION = (4.0, 5.0)

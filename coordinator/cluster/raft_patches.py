@@ -1,0 +1,269 @@
+"""What fedraft changes in pysyncobj 0.3.17 (pinned), in one place.
+
+Each patch reaches into pysyncobj's private attributes, checks that they are where it
+expects them (raising at start if a new pysyncobj moved them) and changes one behaviour:
+
+* `make_journal_durable`: the journal (mmap, never synced) and the term/vote file reach
+  the disk before anything is acknowledged.
+* `truncate_only_on_conflict`: a follower deletes log entries only where the leader's
+  entry at the same index has another term (Raft, section 5.3); pysyncobj deleted every
+  entry after a message's `prevLogIdx`, so a stale or repeated AppendEntries could drop
+  entries the follower had already acknowledged or applied.
+* `keep_links_alive`, `elect_soon_when_leader_hangs_up`, `hold_elections_until_led`:
+  links between followers, fast elections after a crash, quiet joins.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pysyncobj import SyncObj
+
+from coordinator import durable
+
+log = logging.getLogger(__name__)
+
+
+KEEPALIVE = {"type": "fedraft_keepalive"}  # pysyncobj ignores message types it does not know
+
+
+def keep_links_alive(sync: SyncObj, interval: float) -> None:
+    """Send every other member a message pysyncobj ignores, every `interval` seconds.
+
+    Followers never talk to each other, so pysyncobj drops their links after
+    `connectionTimeout` without data and redials a second later: about half the time
+    one follower cannot reach another. A candidate then misses votes; with four members
+    most leadership transfers failed (the target reached only the old leader) and a
+    leader's death costs extra election rounds. Runs on the tick thread, which owns the
+    transport. Reaches into pysyncobj 0.3.17's transport and member set; raises if they
+    moved."""
+    transport = sync._SyncObj__transport  # type: ignore[attr-defined]
+    if not isinstance(sync._SyncObj__otherNodes, set):  # type: ignore[attr-defined]
+        raise RuntimeError("pysyncobj internals moved: no member set to keep alive")
+    due = [0.0]
+
+    def beat() -> None:
+        now = time.monotonic()
+        if now < due[0]:
+            return
+        due[0] = now + interval
+        for node in list(sync._SyncObj__otherNodes):  # type: ignore[attr-defined]
+            transport.send(node, KEEPALIVE)
+
+    sync.addOnTickCallback(beat)
+
+
+def hang_up_election_delay(
+    self_address: str, member_addresses: Iterable[str], leader_address: str, spread: float, u: float
+) -> float:
+    """Seconds this follower waits before standing, once the leader's link has closed.
+
+    Every follower hears the hang-up within the same millisecond. Had they all drawn
+    from one window, two would often stand before either's vote request arrived and
+    split the vote, and the retry waits out a full election timeout. So the survivors
+    take turns by address: the first stands after ``spread / 3`` (about one heartbeat
+    period, so a live leader whose link merely dropped gets a heartbeat through first),
+    the next one ``spread`` later, and so on. The first's request reaches the others long
+    before their turn and, when they vote for it, pushes their own deadlines back; if
+    its log is behind they refuse, and the next in turn stands a term higher. ``u`` is a
+    uniform draw in [0, 1) that jitters each turn by up to ``spread / 6``."""
+    survivors = sorted(set(member_addresses) - {leader_address} | {self_address})
+    return spread * (survivors.index(self_address) + 1 / 3 + u / 6)
+
+
+def elect_soon_when_leader_hangs_up(sync: SyncObj, spread: float) -> None:
+    """Stand for election soon after the leader's link closes (``hang_up_election_delay``).
+
+    A crashed leader process (SIGKILL, OOM, a panic) has its sockets closed by its kernel,
+    so the followers learn of the death at once; waiting out the full 1-2 s election
+    timeout then only adds latency. Raft's safety never depends on timing, so an early
+    election is safe. A leader that is merely cut off (partition, SIGSTOP, a dead
+    machine) closes nothing and is still detected by the timeout; a live leader whose
+    link dropped redials and its next heartbeat pushes the deadline back, as usual.
+    Reaches into pysyncobj 0.3.17's transport callback and election deadline; raises if
+    they moved."""
+    attr = "_SyncObj__raftElectionDeadline"
+    getattr(sync, attr)
+    transport = sync._SyncObj__transport  # type: ignore[attr-defined]
+    original = transport._onNodeDisconnectedCallback
+    if original is None:
+        raise RuntimeError("pysyncobj internals moved: no node-disconnected callback")
+
+    def on_disconnected(node: Any) -> None:  # tick thread
+        original(node)
+        if sync._getLeader() == node and not sync._isLeader():
+            delay = hang_up_election_delay(
+                sync.selfNode.address,
+                (n.address for n in sync.otherNodes),
+                node.address,
+                spread,
+                random.random(),
+            )
+            setattr(sync, attr, min(getattr(sync, attr), time.monotonic() + delay))
+            log.info("leader %s hung up: election in %.2f s", node, delay, extra={"event": "leader_hung_up"})
+
+    transport.setOnNodeDisconnectedCallback(on_disconnected)
+
+
+def hold_elections_until_led(sync: SyncObj) -> None:
+    """Keep a node that joins a running cluster from starting elections until a leader
+    has contacted it.
+
+    Until the leader adds it, the members drop its connections, but pysyncobj counts it
+    as connected for a moment after each dial and lets it stand for election: its term
+    climbs, and once added its first reply deposes the leader (one needless election
+    per added node). With an empty log it could never win anyway. It still votes.
+    Reaches into pysyncobj 0.3.17's election deadline; raises if that moved."""
+    attr = "_SyncObj__raftElectionDeadline"
+    getattr(sync, attr)
+    led = threading.Event()
+
+    def hold() -> None:  # runs on the tick thread, after this tick's election check
+        if led.is_set():
+            return
+        if sync._getLeader() is not None:
+            led.set()
+            return
+        setattr(sync, attr, time.monotonic() + 3600.0)
+
+    sync.addOnTickCallback(hold)
+
+
+def make_journal_durable(sync: SyncObj) -> None:
+    """Sync the Raft journal after every append and truncation, and the term/vote file.
+
+    pysyncobj 0.3.17 (pinned) keeps its journal in ``_SyncObj__raftLog``; appends and
+    truncations reach the disk before the call returns, so before the follower's reply
+    or the leader's count of its own copy. Raises if the pinned internals moved."""
+    journal = sync._SyncObj__raftLog  # type: ignore[attr-defined]
+    flush = journal.flush
+    add, delete_from = journal.add, journal.deleteEntriesFrom
+
+    def durable_add(command: Any, idx: int, term: int) -> None:
+        add(command, idx, term)
+        flush()
+
+    def durable_delete_from(entry_from: int) -> None:
+        delete_from(entry_from)
+        flush()
+
+    journal.add = durable_add
+    journal.deleteEntriesFrom = durable_delete_from
+    meta = journal._FileJournal__metaStorer  # the current term and vote: Raft needs them durable
+    store = meta.storeMeta
+    path = meta.getPath()
+
+    def durable_store(values: dict[str, Any]) -> None:
+        store(values)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        durable.fsync_dir(os.path.dirname(path) or ".")
+
+    meta.storeMeta = durable_store
+
+
+# ---------------------------------------------------------------- follower truncation
+
+Entry = tuple[Any, int, int]
+"""A pysyncobj log entry: (command, index, term)."""
+
+
+@dataclass(frozen=True)
+class AppendPlan:
+    """What a follower does with one AppendEntries, as Raft 5.3 says.
+
+    Entries the follower already holds with the same term are skipped (`prev_idx` /
+    `prev_term` move past them); `entries` are the ones still to append; `truncate_from`
+    is the index of the first entry whose term conflicts (delete it and all after it), or
+    None: then nothing is deleted, even if the follower holds more than the message."""
+
+    prev_idx: int
+    prev_term: int
+    entries: list[Entry]
+    truncate_from: int | None
+
+
+def plan_append(prev_idx: int, prev_term: int, entries: Sequence[Entry],
+                term_at: Callable[[int], int | None]) -> AppendPlan:
+    """The follower's plan for an AppendEntries whose `prev_idx` entry it holds with
+    `prev_term`; `term_at(i)` is the term of its entry at i, None past its log's end."""
+    k = 0
+    while k < len(entries) and term_at(entries[k][1]) == entries[k][2]:
+        prev_idx, prev_term = entries[k][1], entries[k][2]
+        k += 1
+    rest = list(entries[k:])
+    conflict = rest[0][1] if rest and term_at(rest[0][1]) is not None else None
+    return AppendPlan(prev_idx, prev_term, rest, conflict)
+
+
+def truncate_only_on_conflict(sync: SyncObj) -> None:
+    """Make a follower truncate its log only on a term conflict, never an entry it applied.
+
+    pysyncobj's follower, given an AppendEntries whose `prevLogIdx` it holds, deletes every
+    entry after it and appends the message's entries. A message that arrives late, or is
+    sent again, with fewer entries than the follower already has would then drop entries
+    it has acknowledged (the leader counted them towards a commit) or even applied (the
+    issue that filed this saw 425 truncations of applied entries in 10,000 writes under
+    load). Here each such message is first planned by `plan_append`: entries the follower
+    holds are skipped, and pysyncobj's rollback and deletion run only from a conflicting
+    entry. A conflict at an entry already applied would make this replica diverge: it is
+    refused and logged instead, and the node does not acknowledge the message.
+    Reaches into pysyncobj 0.3.17's log, transport callback and two private methods;
+    raises if they moved."""
+    journal = sync._SyncObj__raftLog  # type: ignore[attr-defined]
+    transport = sync._SyncObj__transport  # type: ignore[attr-defined]
+    handle = transport._onMessageReceivedCallback
+    delete_from = sync._SyncObj__deleteEntriesFrom  # type: ignore[attr-defined]
+    change_cluster = sync._SyncObj__doChangeCluster  # type: ignore[attr-defined]
+    if handle is None:
+        raise RuntimeError("pysyncobj internals moved: no message callback to guard")
+    allowed: list[int | None] = [None]  # where the message being handled may truncate
+
+    def term_at(index: int) -> int | None:
+        first, last = journal[0][1], journal[-1][1]
+        return journal[index - first][2] if first <= index <= last else None
+
+    def on_message(node: Any, message: Any) -> None:  # tick thread
+        allowed[0] = None
+        if (isinstance(message, dict) and message.get("type") == "append_entries"
+                and "prevLogIdx" in message and message.get("transmission") is None
+                and term_at(message["prevLogIdx"]) == message.get("prevLogTerm")):
+            plan = plan_append(message["prevLogIdx"], message["prevLogTerm"],
+                               message.get("entries") or [], term_at)
+            applied = sync._SyncObj__raftLastApplied  # type: ignore[attr-defined]
+            if plan.truncate_from is not None and plan.truncate_from <= applied:
+                log.critical("refused an AppendEntries from %s: its entry %d conflicts with an "
+                             "entry this node has applied (applied up to %d); not truncating "
+                             "it", node, plan.truncate_from, applied,
+                             extra={"event": "raft_conflict_on_applied_entry"})
+                return
+            allowed[0] = plan.truncate_from
+            message = {**message, "prevLogIdx": plan.prev_idx, "prevLogTerm": plan.prev_term,
+                       "entries": plan.entries}
+        try:
+            handle(node, message)
+        finally:
+            allowed[0] = None
+
+    def guarded_delete(from_idx: int) -> None:
+        if allowed[0] is not None and from_idx >= allowed[0]:
+            delete_from(from_idx)
+
+    def guarded_change(request: Any, reverse: bool = False) -> Any:
+        if reverse and allowed[0] is None:
+            return None  # the entries stay, and so do the membership changes they hold
+        return change_cluster(request, reverse)
+
+    sync._SyncObj__deleteEntriesFrom = guarded_delete  # type: ignore[attr-defined]
+    sync._SyncObj__doChangeCluster = guarded_change  # type: ignore[attr-defined]
+    transport.setOnMessageReceivedCallback(on_message)
