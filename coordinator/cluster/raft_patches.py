@@ -206,6 +206,19 @@ def plan_append(prev_idx: int, prev_term: int, entries: Sequence[Entry],
     return AppendPlan(prev_idx, prev_term, rest, conflict)
 
 
+def _misleading_truncation_warning(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("truncating already-applied")
+
+
+def _drop_pysyncobj_truncation_warning() -> None:
+    """pysyncobj warns that it truncates applied entries before it calls the delete that
+    `truncate_only_on_conflict` guards; with the guard, which refuses (and logs) any
+    conflict at an applied entry, that delete never runs, so the warning would be false."""
+    logger = logging.getLogger("pysyncobj.syncobj")
+    if _misleading_truncation_warning not in logger.filters:
+        logger.addFilter(_misleading_truncation_warning)
+
+
 def truncate_only_on_conflict(sync: SyncObj) -> None:
     """Make a follower truncate its log only on a term conflict, never an entry it applied.
 
@@ -264,6 +277,7 @@ def truncate_only_on_conflict(sync: SyncObj) -> None:
             return None  # the entries stay, and so do the membership changes they hold
         return change_cluster(request, reverse)
 
+    _drop_pysyncobj_truncation_warning()
     sync._SyncObj__deleteEntriesFrom = guarded_delete  # type: ignore[attr-defined]
     sync._SyncObj__doChangeCluster = guarded_change  # type: ignore[attr-defined]
     transport.setOnMessageReceivedCallback(on_message)

@@ -74,6 +74,7 @@ def test_a_stale_append_entries_drops_nothing_acknowledged(tmp_path: Path) -> No
         follower = next(r for r in replicas if r is not leader)
         journal = follower.sync._SyncObj__raftLog
         _wait(lambda: journal[-1][1] >= leader.sync._SyncObj__raftLog[-1][1])
+        _wait(lambda: follower.sync._SyncObj__raftLastApplied >= journal[-1][1])
         before = [(e[1], e[2]) for e in journal]
         applied = follower.sync._SyncObj__raftLastApplied
         # what the leader sent a while ago: an entry the follower has held and applied since
