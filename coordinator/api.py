@@ -162,6 +162,7 @@ class NodeApi:
             "leader_changes": max(0, len(s["leader_history"]) - 1),
             "sites": len(s["sites"]), "versions": len(s["versions"]),
             "last_round": last_round(s), "target_round": s["training"]["target_round"],
+            "audit_head": s.get("audit_head"),
         })
         leader = self.membership.leader_address()
         me = self.self_addr

@@ -16,6 +16,7 @@ from typing import Any
 from coordinator import api, wire
 from coordinator.audit.writer import AuditWriter, load_signer
 from coordinator.cluster import metrics, pki, rpc, throttle
+from coordinator.cluster.audit_head import AuditHeadPublisher
 from coordinator.cluster.blobs import BlobService, BlobStore
 from coordinator.cluster.config import NodeConfig
 from coordinator.cluster.membership import Membership
@@ -51,6 +52,7 @@ class Node:
             config.raft_password, (config.election_min_s, config.election_max_s),
             on_applied=self._on_applied, join=config.join)
         self.membership = Membership(self.replica, config, self.identity)
+        self.audit_heads = AuditHeadPublisher(self.replica, self.audit.latest_head)
         self.metrics.watch(self._metrics_view())
         # Only the leader unmasks; its helper processes start at the first long vector.
         self.mask_pool = MaskPool(config.unmask_workers)
@@ -99,6 +101,8 @@ class Node:
             lambda s: [v["hash"] for v in s["versions"]])
         threading.Thread(target=self.blobs.follow, args=(committed, self._stopping),
                          name="blob-fetcher", daemon=True).start()
+        threading.Thread(target=self.audit_heads.run, args=(self._stopping,),
+                         name="audit-head", daemon=True).start()
         log.info("node %s up: raft %s fleet %s admin %s", self.id, self.config.self_addr.raft,
                  self.config.self_addr.fleet, self.config.self_addr.admin)
 

@@ -43,6 +43,7 @@ LAYERS: dict[str, set[str]] = {
     "coordinator.demo": {"coordinator.wire", "coordinator.cluster", "coordinator.ops", "coordinator.durable",
                          "coordinator.audit", "coordinator.round", "coordinator.lifeline"},
     "coordinator.commands": {"coordinator.wire", "coordinator.cluster", "coordinator.ops",
+                             "coordinator.durable",
                              "coordinator.audit", "coordinator.demo", "coordinator.node",
                              "coordinator.core", "coordinator.round", "coordinator.lifeline"},
     "coordinator.cli": {"coordinator.commands", "coordinator.audit", "coordinator.lifeline"},

@@ -3,7 +3,8 @@
 Every command reads either a live database (``--db URL`` or ``FEDRAFT_AUDIT_DB``), opened
 read-only and never migrated, or an export (``--bundle DIR``). Tables for people, ``--json``
 for scripts. Exit codes: 0 success; 1 the log fails verification, or the round / version
-asked for is not in the log; 2 usage errors and unreachable or non-audit databases.
+asked for is not in the log; 2 usage errors and unreachable or non-audit databases; 3 (verify
+only) the log is self-consistent but nothing pinned its signer (no --key, no --head).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from coordinator.audit.bundle import Bundle, BundleError, export_bundle
 from coordinator.audit.charges import Accountant, prv_epsilon
-from coordinator.audit.entry import Entry
+from coordinator.audit.entry import Checkpoint, Entry, PayloadError
 from coordinator.audit.keys import AuditKeyError, load_public_key
 from coordinator.audit.query import LineageError, RoundView
 from coordinator.audit.report import build_report
@@ -33,7 +34,7 @@ from coordinator.audit.verify import VerifyReport
 
 ENV_DB = "FEDRAFT_AUDIT_DB"
 ENV_KEY = "FEDRAFT_AUDIT_PUBKEY"
-EXIT_OK, EXIT_BAD, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_BAD, EXIT_USAGE, EXIT_UNPINNED = 0, 1, 2, 3
 
 audit_app = typer.Typer(
     name="audit",
@@ -277,8 +278,9 @@ def _print_verify(report: VerifyReport, where: str) -> None:
     reason = escape(report.reason or "")
     c = report.counts
     if report.ok:
+        label = "[bold green]OK[/]" if report.signer_pinned else "[bold yellow]UNPINNED[/]"
         out.print(
-            f"[bold green]OK[/] {where}: {c['entries']} entries, {c['signatures']} signatures, "
+            f"{label} {where}: {c['entries']} entries, {c['signatures']} signatures, "
             f"{c['checkpoints']} checkpoints, {c['key_rotations']} key rotations, "
             f"{c['blobs']} blobs, {c['charges']} privacy charges verified"
             + (f" ({c['charges_unchecked']} not recomputed: --no-charges)"
@@ -333,6 +335,12 @@ def verify_cmd(
         int | None,
         typer.Option(help="Entries the log had when you last saw it; fewer means truncation."),
     ] = None,
+    head: Annotated[
+        str | None,
+        typer.Option(help="The cluster's signed audit head: a JSON file (or - for stdin) as "
+                     "`fedraft cluster audit-head` writes it. Pins the signer and catches a "
+                     "truncated tail."),
+    ] = None,
     workers: Annotated[
         int, typer.Option(help="Processes for signature checks; 0 picks by log size and CPUs.",
                           min=0),
@@ -343,7 +351,8 @@ def verify_cmd(
 ) -> None:
     """Verify hashes, signatures, key rotations, checkpoints, privacy charges (and blobs).
 
-    Exit 0 when the log verifies, 1 when it does not (the first bad entry is named).
+    Exit 0 when the log verifies under a pinned signer, 1 when it does not (the first bad
+    entry is named), 3 when it is only self-consistent (neither --key nor --head given).
     """
     if blobs is not None and not blobs.is_dir():
         _fail(EXIT_USAGE, f"no blob directory {blobs}")
@@ -361,6 +370,8 @@ def verify_cmd(
         options["accountant"] = _load_accountant(accountant) if accountant else prv_epsilon
     if expect_size is not None:
         options["expected_size"] = expect_size
+    if head is not None:
+        options["trusted_head"] = _load_head(head)
     source = _open(db, bundle)
     try:
         report: VerifyReport = _read(source, lambda: source.verify(**options))
@@ -370,7 +381,25 @@ def verify_cmd(
         _emit_json(report.to_dict())
     else:
         _print_verify(report, source.describe())
-    raise typer.Exit(EXIT_OK if report.ok else EXIT_BAD)
+    if not report.ok:
+        raise typer.Exit(EXIT_BAD)
+    raise typer.Exit(EXIT_OK if report.signer_pinned else EXIT_UNPINNED)
+
+
+def _load_head(spec: str) -> Checkpoint:
+    """A signed head from a file or stdin: the checkpoint itself, or an object holding it
+    under `audit_head` (what `fedraft cluster audit-head --json` and `cluster status
+    --json` print)."""
+    try:
+        text = typer.get_text_stream("stdin").read() if spec == "-" else Path(spec).read_text()
+        data = json.loads(text)
+        if isinstance(data, dict) and "audit_head" in data:
+            data = data["audit_head"]
+        if data is None:
+            _fail(EXIT_USAGE, f"{spec} holds no audit head (the cluster has not committed one)")
+        return Checkpoint.from_dict(data)
+    except (OSError, UnicodeDecodeError, ValueError, PayloadError) as exc:
+        _fail(EXIT_USAGE, f"unusable --head {spec}: {_short(exc)}")
 
 
 @audit_app.command("export")

@@ -261,6 +261,19 @@ class AuditStore:
                     return self._existing(kind, body, raft_index, expected_seq)
                 raise
 
+    def signed_head(self) -> Checkpoint | None:
+        """A checkpoint over the whole log as it stands, signed by the key in force: what
+        the leader commits through Raft so that a truncated tail shows. None when the log
+        is empty or this store cannot sign with that key."""
+        with self._lock:
+            head = self._load_head()
+            signer = self._signers.get(head.key_id or "")
+            if head.size == 0 or signer is None or head.key_id is None:
+                return None
+            root = head.acc.root().hex()
+            signature = signer.sign(checkpoint_message(head.size, root, head.key_id)).hex()
+            return Checkpoint(head.size, root, head.key_id, signature)
+
     def _existing(
         self, kind: str, body: str, raft_index: int, expected_seq: int | None
     ) -> Entry:

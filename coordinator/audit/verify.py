@@ -29,8 +29,10 @@ replaced blob each make ``first_bad_seq`` the seq of the first affected entry.
 
 Without a pinned genesis key the log only proves it is internally consistent: whoever can
 rewrite the whole database could also have made a new key. Pin the key (from the cluster's
-configuration or an earlier export) to rule that out; keep an earlier checkpoint to detect a
-truncation past the newest checkpoint.
+configuration or an earlier export) to rule that out. A ``trusted_head`` (the signed audit
+head the cluster commits through Raft, so no single database holds the only copy) pins the
+signer too, by its key id, and catches a tail cut short however many checkpoint rows were
+deleted with it; ``signer_pinned`` says whether either pinned it.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coordinator.audit import heads
 from coordinator.audit.canonical import CanonicalError, is_sha256_hex
 from coordinator.audit.charges import Accountant, ChargeChecker
 from coordinator.audit.entry import (
@@ -112,6 +115,7 @@ class VerifyReport:
     head_seq: int | None
     head_hash: str | None
     genesis_pinned: bool
+    signer_pinned: bool = False  # by the genesis key or a trusted head that matched
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -189,6 +193,7 @@ def verify_log(
     charge_abs_tol: float = 1e-12,
     check_lineage: bool = True,
     expected_size: int | None = None,
+    trusted_head: Checkpoint | None = None,
     extra_issues: Iterable[Issue] = (),
     max_issues: int = 100,
     workers: int = 1,
@@ -202,7 +207,9 @@ def verify_log(
     is recomputed over the site's history in the log, to ``charge_rel_tol`` of the site's
     cumulative epsilon. Without it charges are counted as ``charges_unchecked``.
     ``expected_size`` is a size the log had before (from an earlier export or checkpoint); a
-    shorter log is reported as truncated. ``extra_issues`` are problems the caller found in
+    shorter log is reported as truncated. ``trusted_head`` is a signed head obtained out of
+    band (from the cluster's replicated state): the log must hold it, with its root and
+    under its key. ``extra_issues`` are problems the caller found in
     the storage itself (a store's index columns, a bundle's unreadable lines).
     ``workers`` > 1 checks signatures in that many processes first (same result, faster
     on large logs on a multi-core machine); 0 picks a number from the log size and CPUs.
@@ -214,7 +221,8 @@ def verify_log(
     walk = _Walk(
         state=state,
         pinned=pinned,
-        wanted_sizes={c.tree_size for c in cps},
+        wanted_sizes={c.tree_size for c in cps} | (
+            {trusted_head.tree_size} if trusted_head is not None else set()),
         warnings=warnings,
         blobs=_blob_checker(blobs, require_blobs),
         charges=(ChargeChecker(accountant, charge_rel_tol, charge_abs_tol)
@@ -223,12 +231,17 @@ def verify_log(
     )
     for entry in _prefetch_signatures(walk.checker, entries, pinned, workers):
         _walk_entry(walk, entry)
-    _finish_walk(walk)
-    truncated_to = _check_checkpoints(walk, cps)
-    _check_truncation(state, walk.acc.size, truncated_to, expected_size)
+    tree = heads.TreeHeads(walk.heads, walk.acc.size, walk.checker, state.add)
+    head_ok = trusted_head is not None and tree.holds_trusted_head(trusted_head)
+    _finish_walk(walk, head_ok)
+    checked, truncated_to = tree.check_checkpoints(cps)
+    walk.counts["checkpoints"] += checked
+    tree.check_truncation(truncated_to, expected_size)
     for issue in extra_issues:
         state.add(issue.check, issue.reason, issue.seq, issue.checkpoint)
-    return _assemble_report(walk)
+    report = _assemble_report(walk)
+    report.signer_pinned = walk.pinned is not None or head_ok
+    return report
 
 
 # --- the steps of verify_log, in the order it takes them ----------------------------------
@@ -394,7 +407,7 @@ def _advance(walk: _Walk, entry: Entry) -> None:
     walk.last = entry
 
 
-def _finish_walk(walk: _Walk) -> None:
+def _finish_walk(walk: _Walk, head_ok: bool) -> None:
     """Totals of the walk, and the warnings an empty or unpinned log earns."""
     size = walk.acc.size
     walk.counts["entries"] = size
@@ -404,59 +417,10 @@ def _finish_walk(walk: _Walk) -> None:
         walk.counts["charges"] = walk.charges.checked
     if size == 0:
         walk.warnings.append("the log is empty")
-    if walk.pinned is None:
+    if walk.pinned is None and not head_ok:
         walk.warnings.append(
-            "genesis key not pinned: the log is only shown to be self-consistent; "
-            "pass the cluster's audit public key to rule out a rewrite under a new key"
-        )
-
-
-def _check_checkpoints(walk: _Walk, cps: Sequence[Checkpoint]) -> int | None:
-    """Each checkpoint's root and signature against the walk's tree; returns the largest
-    tree size signed beyond the log's end (its tail was deleted), if any."""
-    state, size = walk.state, walk.acc.size
-    truncated_to: int | None = None
-    for cp in cps:
-        if type(cp.tree_size) is not int or cp.tree_size <= 0:
-            state.add("checkpoint", f"checkpoint has invalid tree size {cp.tree_size!r}",
-                      cp=None)
-            continue
-        if cp.tree_size > size:
-            truncated_to = max(truncated_to or 0, cp.tree_size)
-            continue
-        root_hex, key, kid = walk.heads[cp.tree_size]
-        if cp.root_hash != root_hex:
-            state.add(
-                "checkpoint",
-                f"signed root at tree size {cp.tree_size} does not match the entries",
-                cp=cp.tree_size,
-            )
-        elif key is None or cp.key_id != kid or not _checkpoint_sig_ok(walk.checker, key, cp):
-            state.add(
-                "checkpoint",
-                f"checkpoint at tree size {cp.tree_size} is not signed by key {kid}",
-                cp=cp.tree_size,
-            )
-        else:
-            walk.counts["checkpoints"] += 1
-    return truncated_to
-
-
-def _check_truncation(
-    state: _State, size: int, truncated_to: int | None, expected_size: int | None
-) -> None:
-    """A log shorter than a signed checkpoint, or than the size the caller expects."""
-    if truncated_to is not None:
-        state.add(
-            "truncation",
-            f"log ends after {size} entries but a signed checkpoint covers {truncated_to}"
-            " (tail deleted)",
-            size,
-        )
-    if expected_size is not None and size < expected_size and (truncated_to or 0) < expected_size:
-        state.add(
-            "truncation", f"log has {size} entries, fewer than the {expected_size} expected",
-            size,
+            "signer not pinned: the log is only shown to be self-consistent; pass the "
+            "cluster's audit public key or its signed head to rule out a rewrite under a new key"
         )
 
 
@@ -539,17 +503,6 @@ def _signature_ok(checker: SignatureChecker, key: bytes, entry: Entry) -> bool:
     except (ValueError, TypeError):
         return False
     return checker.check(key, signature, ENTRY_CONTEXT + bytes.fromhex(entry.entry_hash))
-
-
-def _checkpoint_sig_ok(checker: SignatureChecker, key: bytes, cp: Checkpoint) -> bool:
-    if not is_sha256_hex(cp.root_hash):
-        return False
-    try:
-        signature = bytes.fromhex(cp.signature)
-        message = cp.message()
-    except (ValueError, TypeError, CanonicalError):
-        return False
-    return checker.check(key, signature, message)
 
 
 def _introduced_key(entry: Entry, position: int, state: _State) -> bytes | None:

@@ -106,6 +106,7 @@ class AuditWriter:
             self.store.close()
             raise
         self._on_written = on_written
+        self._head: dict[str, Any] | None = None
         self._queue: queue.Queue[tuple[int, str, dict[str, Any]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
@@ -125,6 +126,8 @@ class AuditWriter:
         except Exception:
             log.exception("audit log head unreadable")
         written = head.seq if head is not None else -1
+        if head is not None:
+            self._sign_head()
         while True:
             item = self._queue.get()
             if item is None:
@@ -139,6 +142,21 @@ class AuditWriter:
                 written = entry.seq
                 if self._on_written is not None:
                     self._on_written(kind)
+            if self._queue.empty():
+                self._sign_head()
+
+    def _sign_head(self) -> None:
+        try:
+            head = self.store.signed_head()
+        except Exception:
+            log.exception("audit head not signed")
+            return
+        if head is not None:
+            self._head = head.to_dict()
+
+    def latest_head(self) -> dict[str, Any] | None:
+        """The newest signed head of this node's log (signed when the writer catches up)."""
+        return self._head
 
     def close(self) -> None:
         self._queue.put(None)

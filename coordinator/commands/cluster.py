@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
+from coordinator import durable
 from coordinator.cluster.config import ConfigError
 from coordinator.commands.common import (
     EXIT_REFUSED,
@@ -152,3 +155,37 @@ def cluster_transfer_leader(
     _membership(lambda: c.transfer_leader(node, timeout), as_json, lambda r: (
         f"leader is now [bold]{r['leader']}[/]" if r.get("changed")
         else f"[bold]{r['leader']}[/] already leads"))
+
+
+@cluster_app.command("audit-head")
+def cluster_audit_head(
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="also write the head as JSON to this file (for `fedraft audit "
+        "verify --head`)", dir_okay=False)] = None,
+    config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt = None, cert: CertOpt = None,
+    key: KeyOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """The signed audit head the cluster committed through Raft: its size and Merkle root.
+
+    `fedraft audit verify --head FILE` checks any node's log, or an export, against it,
+    which catches a tail deleted with its checkpoint rows and a log re-signed under
+    another key. Exit 1 when no head is committed yet.
+    """
+    c = operator_client(config, admin, ca, cert, key)
+    head = run(lambda: c.call("Status"))["state"].get("audit_head")
+    if head is None:
+        err.print("[red]no audit head committed yet:[/] the cluster has written no audit "
+                  "entry since it started publishing heads")
+        raise typer.Exit(EXIT_REFUSED)
+    if out is not None:
+        try:
+            durable.write_atomic(out, (json.dumps({"audit_head": head}, sort_keys=True) + "\n")
+                                 .encode(), mode=0o644)
+        except OSError as exc:
+            err.print(f"[red]cannot write {out}:[/] {exc.strerror or exc}")
+            raise typer.Exit(EXIT_USAGE) from None
+    if as_json:
+        emit({"audit_head": head})
+        return
+    console.print(f"audit head: {head['tree_size']} entries, root {head['root_hash']}, "
+                  f"key {head['key_id']}" + (f"; written to {out}" if out else ""))

@@ -27,6 +27,7 @@ ROUND_ABORT = "round_abort"
 ROUND_COMMIT = "round_commit"
 LATE_CHARGE = "late_charge"
 MEMBERSHIP = "membership"
+AUDIT_HEAD = "audit_head"
 
 ROUND_EVENTS = frozenset({ROUND_OPEN, ROUND_ABORT, ROUND_COMMIT, CLAIM, REVOKE})
 """Ops after which sites waiting for a task may have a new answer."""
@@ -117,3 +118,9 @@ def membership(change: str, node: str, node_id: str, members: list[dict[str, str
                operator: str | None, request_id: str) -> Command:
     return {"op": MEMBERSHIP, "change": change, "node": node, "node_id": node_id,
             "members": members, "operator": operator, "request_id": request_id}
+
+
+def audit_head(head: Mapping[str, Any]) -> Command:
+    """The leader's signed audit head (a checkpoint over its whole log), committed so that
+    every node's replicated state holds a copy an edited database cannot take back."""
+    return {"op": AUDIT_HEAD, "head": dict(head)}

@@ -1,10 +1,12 @@
-"""Operations of the cluster itself: leadership claims (the fence) and membership records."""
+"""Operations of the cluster itself: leadership claims (the fence), membership records and
+the signed audit head."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
 
+from coordinator import wire
 from coordinator.core.checks import Command, Rejected, need, operator_name
 
 State = dict[str, Any]
@@ -89,3 +91,31 @@ def membership(state: State, cmd: Command) -> Result:
     state["members"] = members
     return {"change": change, "node": node, "node_id": node_id, "members": rafts,
             "operator": operator}
+
+
+AUDIT_HEAD_FIELDS = frozenset({"tree_size", "root_hash", "key_id", "signature"})
+KEY_ID = re.compile(r"[0-9a-f]{16}")
+SIGNATURE_HEX = re.compile(r"[0-9a-f]{2,256}")
+
+
+def audit_head(state: State, cmd: Command) -> Result:
+    """Keep the newest signed audit head. Heads only grow: a smaller or equal one (a new
+    leader whose log has not caught up, a replay) is refused and changes nothing. The
+    signature is the verifier's to check; here only the shape is."""
+    head = need(cmd, "head", dict)
+    if set(head) != AUDIT_HEAD_FIELDS:
+        raise Rejected("malformed", f"an audit head has exactly {sorted(AUDIT_HEAD_FIELDS)}")
+    size = need(head, "tree_size", int)
+    if size <= 0:
+        raise Rejected("malformed", "audit head tree_size must be positive")
+    wire.hex64(head["root_hash"], "audit head root_hash")
+    if not (isinstance(head["key_id"], str) and KEY_ID.fullmatch(head["key_id"])):
+        raise Rejected("malformed", "audit head key_id must be 16 hex digits")
+    if not (isinstance(head["signature"], str) and SIGNATURE_HEX.fullmatch(head["signature"])):
+        raise Rejected("malformed", "audit head signature must be hex")
+    current = state.get("audit_head")
+    if current is not None and size <= current["tree_size"]:
+        raise Rejected("stale", f"the committed audit head already covers {current['tree_size']}"
+                       f" entries (this one {size})")
+    state["audit_head"] = dict(head)
+    return {"tree_size": size}

@@ -41,6 +41,7 @@ def initial_state() -> State:
         "requests": {},  # request_id -> result, for idempotent retries
         "request_order": [],
         "members": None,  # after the first membership change: [{"id", "raft", "fleet", "admin"}]
+        "audit_head": None,  # the newest signed audit head: {"tree_size", "root_hash", ...}
     }
 
 
@@ -58,6 +59,7 @@ OPS: dict[str, Callable[[State, Command], Result]] = {
     cmds.ROUND_COMMIT: ops_rounds.round_commit,
     cmds.LATE_CHARGE: ops_rounds.late_charge,
     cmds.MEMBERSHIP: ops_cluster.membership,
+    cmds.AUDIT_HEAD: ops_cluster.audit_head,
 }
 
 

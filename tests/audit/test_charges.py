@@ -233,7 +233,8 @@ def test_cli_recomputes_charges_by_default(leader_log: Log, signer: AuditSigner,
     assert result.exit_code == 1 and f"first bad entry is seq {target}" in result.stdout
     report = json.loads(runner.invoke(audit_app, ["verify", "--db", bad, "--json"]).stdout)
     assert report["first_bad_seq"] == target and report["issues"][0]["check"] == "charge"
-    skipped = runner.invoke(audit_app, ["verify", "--db", bad, "--no-charges", "--json"])
+    skipped = runner.invoke(audit_app, ["verify", "--db", bad, "--no-charges", "--json",
+                                        "--key", signer.public_key_hex])
     assert skipped.exit_code == 0
     assert json.loads(skipped.stdout)["counts"]["charges_unchecked"] == CHARGES
 

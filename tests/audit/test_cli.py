@@ -228,4 +228,64 @@ def test_markup_in_recorded_text_is_printed_verbatim(tmp_path: Path, signer: Aud
     assert shown.exit_code == 0, shown.output
     assert "[/] closed [bold]early" in shown.stdout and "[red], [/]" in shown.stdout
     assert run("rounds", "--db", url).exit_code == 0
-    assert run("verify", "--db", url).exit_code == 0
+    assert run("verify", "--db", url, "--key", signer.public_key_hex).exit_code == 0
+
+
+def _write_head(store_url: str, signer: AuditSigner, path: Path) -> dict:
+    with AuditStore(store_url, signer=signer) as store:
+        head = store.signed_head()
+    assert head is not None
+    path.write_text(json.dumps({"audit_head": head.to_dict()}))
+    return head.to_dict()
+
+
+def test_verify_pins_the_signer_or_says_it_could_not(
+        logged: tuple[str, Built], signer: AuditSigner, other_signer: AuditSigner,
+        tmp_path: Path) -> None:
+    """No --key and no --head: exit 3, not 0. The cluster's signed head pins the signer by
+    its key id, so a log re-signed under another key fails against it."""
+    url, _ = logged
+    unpinned = run("verify", "--db", url, "--no-charges")
+    assert unpinned.exit_code == 3 and "UNPINNED" in unpinned.stdout
+    head_file = tmp_path / "head.json"
+    _write_head(url, signer, head_file)
+    pinned = run("verify", "--db", url, "--no-charges", "--head", str(head_file))
+    assert pinned.exit_code == 0, pinned.output
+    assert json.loads(run("verify", "--db", url, "--no-charges", "--head", str(head_file),
+                          "--json").stdout)["signer_pinned"] is True
+    forged_url = f"sqlite:///{tmp_path / 'forged.db'}"
+    with AuditStore(forged_url, signer=other_signer, checkpoint_every=8) as forged:
+        build_log(forged, blob_dir=tmp_path / "blobs2", accountant=toy_epsilon)
+    assert run("verify", "--db", forged_url, "--no-charges").exit_code == 3
+    against = run("verify", "--db", forged_url, "--no-charges", "--head", str(head_file))
+    assert against.exit_code == 1
+    assert "re-signed" in against.stdout or "do not match" in against.stdout
+
+
+def test_a_truncated_tail_with_its_checkpoints_deleted_fails_against_the_head(
+        logged: tuple[str, Built], signer: AuditSigner, tmp_path: Path) -> None:
+    url, _ = logged
+    head_file = tmp_path / "head.json"
+    head = _write_head(url, signer, head_file)
+    store = AuditStore(url, migrate=False)
+    with store.engine.begin() as conn:
+        for table in ("audit_entries", "audit_checkpoints"):
+            conn.execute(text(f"DROP TRIGGER IF EXISTS {table}_no_delete"))
+        conn.execute(text("DELETE FROM audit_entries WHERE seq >= :k"),
+                     {"k": head["tree_size"] - 3})
+        conn.execute(text("DELETE FROM audit_checkpoints"))
+    store.close()
+    assert run("verify", "--db", url, "--no-charges").exit_code == 3  # consistent, unpinned
+    cut = run("verify", "--db", url, "--no-charges", "--head", str(head_file))
+    assert cut.exit_code == 1 and "tail deleted" in cut.stdout
+    assert f"first bad entry is seq {head['tree_size'] - 3}" in cut.stdout
+
+
+def test_an_unusable_head_is_a_usage_error(logged: tuple[str, Built], tmp_path: Path) -> None:
+    url, _ = logged
+    assert run("verify", "--db", url, "--head", str(tmp_path / "absent.json")).exit_code == 2
+    (tmp_path / "bad.json").write_text('{"audit_head": {"tree_size": 3}}')
+    bad = run("verify", "--db", url, "--head", str(tmp_path / "bad.json"))
+    assert bad.exit_code == 2 and "lacks field" in bad.stderr
+    (tmp_path / "none.json").write_text('{"audit_head": null}')
+    assert run("verify", "--db", url, "--head", str(tmp_path / "none.json")).exit_code == 2

@@ -313,6 +313,57 @@ def _fedraft(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess:
                           text=True, env=env, timeout=120)
 
 
+def _committed_head(cluster: LocalCluster, timeout: float = 20.0) -> dict:
+    """The audit head every node's state holds once the leader has published its log's."""
+    from coordinator.audit import AuditStore
+
+    deadline = time.monotonic() + timeout
+    while True:
+        store = AuditStore(cluster.audit_db(cluster.wait_leader()), migrate=False)
+        try:
+            size = len(store)
+        finally:
+            store.close()
+        heads = [cluster.admin.call("Status", endpoint=n.admin)["state"]["audit_head"]
+                 for n in cluster.nodes]
+        if heads[0] is not None and heads[0]["tree_size"] == size and heads.count(heads[0]) == 3:
+            return heads[0]
+        assert time.monotonic() < deadline, f"no committed head of {size} entries: {heads}"
+        time.sleep(0.3)
+
+
+def test_a_tail_cut_with_its_checkpoints_fails_against_the_committed_head(cluster, tmp_path):
+    """The leader commits its signed audit head through Raft; against it, a node's log whose
+    tail and checkpoint rows were deleted fails verification without --expect-size."""
+    import sqlite3
+
+    head = _committed_head(cluster)
+    head_file = tmp_path / "head.json"
+    got = _fedraft(cluster, "cluster", "audit-head", "--out", str(head_file), "--json")
+    assert got.returncode == 0, got.stderr
+    assert json.loads(got.stdout)["audit_head"]["tree_size"] >= head["tree_size"]
+    copy = tmp_path / "copy.db"
+    node = cluster.nodes[2].id
+    with sqlite3.connect(cluster.audit_db(node).removeprefix("sqlite:///")) as src, \
+            sqlite3.connect(copy) as dst:
+        src.backup(dst)
+    url = f"sqlite:///{copy}"
+    intact = _fedraft(cluster, "audit", "verify", "--db", url, "--no-charges", "--head",
+                      str(head_file))
+    assert intact.returncode == 0, intact.stdout + intact.stderr
+    size = json.loads(head_file.read_text())["audit_head"]["tree_size"]
+    with sqlite3.connect(copy) as db:
+        for table in ("audit_entries", "audit_checkpoints"):
+            db.execute(f"DROP TRIGGER IF EXISTS {table}_no_delete")
+        db.execute("DELETE FROM audit_entries WHERE seq >= ?", (size - 2,))
+        db.execute("DELETE FROM audit_checkpoints")
+    unpinned = _fedraft(cluster, "audit", "verify", "--db", url, "--no-charges")
+    assert unpinned.returncode == 3  # self-consistent: only the head can tell
+    cut = _fedraft(cluster, "audit", "verify", "--db", url, "--no-charges", "--head",
+                   str(head_file))
+    assert cut.returncode == 1 and "tail deleted" in cut.stdout, cut.stdout
+
+
 def test_round_start_cli_sets_any_round_key(cluster):
     before = cluster.admin.call("RoundStatus")
     bad = _fedraft(cluster, "round", "start", "--rounds", "1", "--set", "no_such_key=1", "--json")

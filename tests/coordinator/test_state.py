@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from coordinator.core import commands
 from coordinator.core.queries import charge_status, head, last_round
 from coordinator.core.state import apply, initial_state
 
@@ -434,3 +435,24 @@ def test_a_malformed_submitted_term_is_refused(term):
         assert r["ok"]  # absent: not checked
     else:
         assert r["code"] == "malformed" and _domain(s) == before
+
+
+def _head(size: int) -> dict:
+    return {"tree_size": size, "root_hash": "a" * 64, "key_id": "0123456789abcdef",
+            "signature": "ab" * 64}
+
+
+def test_the_audit_head_only_grows_and_a_bad_one_changes_nothing() -> None:
+    s = initial_state()
+    assert apply(s, commands.audit_head(_head(5)))["ok"] and s["audit_head"]["tree_size"] == 5
+    for stale in (_head(5), _head(3)):
+        r = apply(s, commands.audit_head(stale))
+        assert not r["ok"] and r["code"] == "stale"
+    for bad in ({**_head(9), "root_hash": "x"}, {**_head(9), "key_id": "k"},
+                {**_head(9), "extra": 1}, {**_head(9), "tree_size": True},
+                {**_head(9), "signature": "not hex"}, _head(0)):
+        before = copy.deepcopy({k: v for k, v in s.items() if k != "seq"})
+        r = apply(s, commands.audit_head(bad))
+        assert not r["ok"] and r["code"] == "malformed", bad
+        assert {k: v for k, v in s.items() if k != "seq"} == before
+    assert apply(s, commands.audit_head(_head(6)))["ok"] and s["audit_head"] == _head(6)
