@@ -114,6 +114,8 @@ class RoundWork:
             # DP parameters travel in the clear: the ledger needs them to charge the site
             self._metrics.update({k: float(v) for k, v in self._fit.metrics.items()
                                   if k == "train_loss" or k.startswith("dp_")})
+            # the leader refuses a Submit whose metrics are out of range: say so here first
+            wire.check_site_metrics(self._metrics)
         except BaseException as exc:  # surfaced to the stage that needs the result
             self._error = exc
         finally:

@@ -181,7 +181,7 @@ class NodeApi:
         return {"ok": True, "leader": self.replica.is_leader(), "sites": [
             {"site": k, "public_key": v["public_key"], "revoked": v["revoked"],
              "online": k in online, "budget": v["budget"], "spent": v["spent"],
-             "charges": v["charges"]}
+             "charges": v["charges"], "quarantined": v.get("quarantined")}
             for k, v in sorted(sites.items())]}
 
     def admin_round_status(self, msg: dict[str, Any], caller: Caller) -> Reply:

@@ -42,6 +42,7 @@ CHARGE_RECORDED = "charge_recorded"
 MODEL_GENESIS = "model_genesis"
 CLIENT_ENROLLED = "client_enrolled"
 CLIENT_REVOKED = "client_revoked"
+CLIENT_QUARANTINED = "client_quarantined"
 BUDGET_CHANGED = "budget_changed"
 MEMBERSHIP_CHANGED = "membership_changed"
 
@@ -278,6 +279,8 @@ _RULES: dict[str, dict[str, Any]] = {
         "delta": _is_number,
     },
     CLIENT_REVOKED: {"site": _is_str},
+    CLIENT_QUARANTINED: {"site": _is_str, "reason": _is_str, "round": _is_int,
+                         "attempt": _is_int},
     BUDGET_CHANGED: {"site": _is_str, "epsilon": _is_number, "delta": _is_number},
     MEMBERSHIP_CHANGED: {"change": _is_str, "node": _is_str},
     GENESIS: {"alg": _is_str, "public_key": _is_str, "key_id": _is_str},

@@ -52,6 +52,8 @@ def audit_record(command: dict[str, Any], result: dict[str, Any],
         return "budget_changed", payload
     if op == commands.REVOKE:
         return "client_revoked", {"site": command["site"]}
+    if op == commands.QUARANTINE:
+        return "client_quarantined", {k: result[k] for k in ("site", "reason", "round", "attempt")}
     if op == commands.GENESIS and len(state["versions"]) == 1 and result.get("version") == command["version"]:
         return "model_genesis", {"version": command["version"], "size": command["size"]}
     if op == commands.CLAIM and result.get("new"):

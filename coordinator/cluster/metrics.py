@@ -46,7 +46,8 @@ STAGE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 3
                  300.0)
 RAFT_ROLES = ("follower", "candidate", "leader")
 ABORT_CLASSES = frozenset({"leader_change", "driver_restart", "too_few_updates",
-                           "aggregation_failed", "blob_replication_failed", "refused"})
+                           "aggregation_failed", "blob_replication_failed", "refused",
+                           "invalid_aggregate"})
 
 
 def abort_class(reason: str) -> str:
@@ -176,6 +177,9 @@ class NodeMetrics:
         self.rpc_sent = Counter(
             "fedraft_rpc_sent_bytes", "Response bytes sent (msgpack bodies).",
             ["service", "method"], registry=r)
+        self.sites_quarantined = Counter(
+            "fedraft_sites_quarantined", "Sites the leader quarantined after finding them behind "
+            "an invalid secure sum.", registry=r)
         self.audit_entries = Counter(
             "fedraft_audit_entries_written", "Entries this node appended to its audit log, by kind.",
             ["kind"], registry=r)
@@ -198,6 +202,8 @@ class NodeMetrics:
             self.rounds_committed.inc()
         elif op == commands.ROUND_ABORT:
             self.rounds_aborted.labels(abort_class(str(command.get("reason", "")))).inc()
+        elif op == commands.QUARANTINE:
+            self.sites_quarantined.inc()
         elif op == commands.CLAIM and result.get("new") and len(state.get("leader_history", ())) > 1:
             self.leader_changes.inc()
 

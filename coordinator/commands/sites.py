@@ -175,7 +175,8 @@ def client_revoke(site: str, config: ConfigOpt = None, admin: AdminOpt = None, c
 @client_app.command("list")
 def client_list(config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt = None,
                 cert: CertOpt = None, key: KeyOpt = None, as_json: JsonOpt = False) -> None:
-    """Enrolled sites, revoked or not, and whether the leader saw them recently."""
+    """Enrolled sites, revoked, quarantined (found behind an invalid secure sum) or not,
+    and whether the leader saw them recently."""
     c = operator_client(config, admin, ca, cert, key)
     ep = run(c.leader_endpoint)
     r = run(lambda: c.call("Sites", endpoint=ep) if ep else c.call("Sites"))
@@ -184,6 +185,7 @@ def client_list(config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt = No
         return
     t = Table("site", "status", "online", "public key")
     for s in r["sites"]:
-        t.add_row(s["site"], "[red]revoked[/]" if s["revoked"] else "enrolled",
-                  "yes" if s["online"] else "no", s["public_key"][:16] + "…")
+        status = ("[red]revoked[/]" if s["revoked"] else "[red]quarantined[/]"
+                  if s.get("quarantined") else "enrolled")
+        t.add_row(s["site"], status, "yes" if s["online"] else "no", s["public_key"][:16] + "…")
     console.print(t)

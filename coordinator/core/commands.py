@@ -28,8 +28,9 @@ ROUND_COMMIT = "round_commit"
 LATE_CHARGE = "late_charge"
 MEMBERSHIP = "membership"
 AUDIT_HEAD = "audit_head"
+QUARANTINE = "quarantine"
 
-ROUND_EVENTS = frozenset({ROUND_OPEN, ROUND_ABORT, ROUND_COMMIT, CLAIM, REVOKE})
+ROUND_EVENTS = frozenset({ROUND_OPEN, ROUND_ABORT, ROUND_COMMIT, CLAIM, REVOKE, QUARANTINE})
 """Ops after which sites waiting for a task may have a new answer."""
 MODEL_VERSIONS = frozenset({GENESIS, ROUND_COMMIT})
 """Ops that name a model version every node must hold."""
@@ -124,3 +125,9 @@ def audit_head(head: Mapping[str, Any]) -> Command:
     """The leader's signed audit head (a checkpoint over its whole log), committed so that
     every node's replicated state holds a copy an edited database cannot take back."""
     return {"op": AUDIT_HEAD, "head": dict(head)}
+
+
+def quarantine(site: str, reason: str, rnd: int, attempt: int) -> Command:
+    """The leader found `site` behind an invalid secure sum (see `round.hostile`)."""
+    return {"op": QUARANTINE, "site": site, "reason": reason, "round": rnd, "attempt": attempt,
+            "request_id": f"quarantine:{site}:{rnd}.{attempt}"}

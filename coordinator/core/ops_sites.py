@@ -1,4 +1,5 @@
-"""Operations on enrolled sites: enroll, set a budget, revoke (an operator's decisions)."""
+"""Operations on enrolled sites: enroll, set a budget, revoke (an operator's decisions),
+and quarantine (the leader's, when it found a site behind an invalid secure sum)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any
 
 from coordinator import wire
 from coordinator.core import ledger
-from coordinator.core.checks import Command, Rejected, operator_name
+from coordinator.core.checks import Command, Rejected, need, operator_name
 
 State = dict[str, Any]
 Result = dict[str, Any]
@@ -67,3 +68,18 @@ def revoke(state: State, cmd: Command) -> Result:
         raise Rejected("revoked", f"site {site!r} is already revoked")
     rec["revoked"] = True
     return {"site": site}
+
+
+REASON_CHARS = 200
+
+
+def quarantine(state: State, cmd: Command) -> Result:
+    """Take a site out of sampling: the leader found it behind an invalid secure sum.
+    It stays enrolled (its ledger and audit history stand); it is sampled no more."""
+    site, rec = _enrolled(state, cmd)
+    reason = need(cmd, "reason", str)[:REASON_CHARS]
+    rnd, attempt = need(cmd, "round", int), need(cmd, "attempt", int)
+    if rec.get("quarantined"):
+        raise Rejected("quarantined", f"site {site!r} is already quarantined")
+    rec["quarantined"] = {"reason": reason, "round": rnd, "attempt": attempt}
+    return {"site": site, "reason": reason, "round": rnd, "attempt": attempt}

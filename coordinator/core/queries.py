@@ -18,8 +18,10 @@ def head(state: State) -> str | None:
 
 
 def eligible_sites(state: State) -> list[str]:
-    """Enrolled and not revoked (the driver also skips sites whose budget is spent)."""
-    return sorted(s for s, rec in state["sites"].items() if not rec["revoked"])
+    """Enrolled, not revoked and not quarantined (the driver also skips sites whose
+    budget is spent)."""
+    return sorted(s for s, rec in state["sites"].items()
+                  if not rec["revoked"] and not rec.get("quarantined"))
 
 
 def training_pending(state: State) -> bool:

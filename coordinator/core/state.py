@@ -32,7 +32,8 @@ def initial_state() -> State:
         "fence_term": 0,
         "leader": None,
         "leader_history": [],  # [{"term", "node", "seq"}]
-        "sites": {},  # site -> {"public_key", "revoked", "enrolled_seq", "budget", "spent", "charges"}
+        "sites": {},  # site -> {"public_key", "revoked", "enrolled_seq", "budget", "spent",
+        #                        "charges", and "quarantined" once the leader found it hostile}
         "versions": [],  # [{"round", "hash", "parent", "size"}], index == round
         "training": {"target_round": 0, "config": dict(DEFAULT_ROUND_CONFIG)},
         "round": None,  # the open round, or None
@@ -60,6 +61,7 @@ OPS: dict[str, Callable[[State, Command], Result]] = {
     cmds.LATE_CHARGE: ops_rounds.late_charge,
     cmds.MEMBERSHIP: ops_cluster.membership,
     cmds.AUDIT_HEAD: ops_cluster.audit_head,
+    cmds.QUARANTINE: ops_sites.quarantine,
 }
 
 

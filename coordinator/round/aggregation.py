@@ -32,6 +32,42 @@ class AggregationAbort(Exception):
     """The round cannot be aggregated (too few survivors, no weight); abort and retry it."""
 
 
+class InvalidAggregate(AggregationAbort):
+    """The unmasked sum is one that honest, clipped inputs cannot make: some survivor sent
+    something else (a negative or oversized weight, values beyond the clip, garbage). The
+    leader never sees which; `round.hostile` finds the site over the next attempts."""
+
+
+def aggregate_problem(values: np.ndarray, weight: float, survivors: int,
+                      plan: RoundPlan) -> str | None:
+    """Why a decoded secure sum cannot come from `survivors` honest sites, or None.
+
+    Each honest site sends its weight w in [1 / max_examples, 1] (its example count,
+    capped and scaled) and its clipped values times w, each coordinate in [-w c, w c]
+    for the round's clip c, all rounded stochastically to one quantum. So the summed
+    weight W lies in [n / max_examples, n] and every coordinate of the sum within W c,
+    give or take n quanta. This bounds what a site can do unseen: it can still move the
+    sum anywhere inside that box (README, trust model), but no further.
+    """
+    codec = plan.codec
+    if codec is None:
+        return None
+    n = survivors
+    weight_slack = n / codec.weight_scale
+    low, high = n / plan.max_weight, float(n)
+    if not np.isfinite(weight) or weight < low - weight_slack:
+        return (f"the summed weight {weight:.6g} is below the {low:.6g} that {n} sites send "
+                "at least")
+    if weight > high + weight_slack:
+        return f"the summed weight {weight:.6g} is above the {high:.6g} that {n} sites send at most"
+    limit = max(weight, 0.0) * plan.clip + n / codec.scale
+    worst = float(np.abs(values).max(initial=0.0))
+    if not np.isfinite(worst) or worst > limit * (1 + 1e-9):
+        return (f"a coordinate of the sum is {worst:.6g}, beyond the {limit:.6g} that {n} "
+                f"clipped inputs of summed weight {weight:.6g} can reach")
+    return None
+
+
 class Sum(Protocol):
     """The first stage: collects sites' messages stage by stage into one weighted sum."""
 
@@ -177,9 +213,13 @@ class SecureSum:
         return sorted(self._result.survivors) if self._result else []
 
     def result(self) -> tuple[np.ndarray, float]:
+        """The decoded sum; InvalidAggregate when honest inputs could not have made it."""
         if self._result is None:
             raise RuntimeError("not unmasked yet")
         values, weight = self.plan.codec.decode(self._result.total)  # type: ignore[union-attr]
+        problem = aggregate_problem(values, weight, len(self._result.survivors), self.plan)
+        if problem is not None:
+            raise InvalidAggregate(problem)
         return values, weight
 
 

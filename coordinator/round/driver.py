@@ -27,9 +27,10 @@ from coordinator.cluster.replica import CommandFailed, Replica
 from coordinator.core import commands
 from coordinator.core.queries import quorum
 from coordinator.round import policy
-from coordinator.round.aggregation import AggregationAbort, make_aggregation
+from coordinator.round.aggregation import AggregationAbort, InvalidAggregate, make_aggregation
 from coordinator.round.charges import ChargePool
 from coordinator.round.faults import FaultHold
+from coordinator.round.hostile import Search
 from coordinator.round.late import LateCharges
 from coordinator.round.policy import LeaderView
 from coordinator.round.schedule import scheduled_lr
@@ -61,6 +62,7 @@ class RoundDriver:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._planning: dict[str, Any] | None = None
+        self.search: Search | None = None  # for the site behind an invalid secure sum
 
     def stop(self) -> None:
         self.charges.close()
@@ -233,7 +235,10 @@ class RoundDriver:
             if decision == "sample":
                 if self._record_late(term):
                     return None  # budgets changed: sample again from the new ledger
-                return policy.choose(online, want, secrets.SystemRandom())
+                rng = secrets.SystemRandom()
+                search = self.search
+                tested = search.sample(online, want, config.min_clients, rng) if search else None
+                return tested or policy.choose(online, want, rng)
             if decision == "give_up":
                 log.warning("only %d of %d sites online; waiting", len(online), want)
                 return None
@@ -360,6 +365,10 @@ class RoundDriver:
         clock.enter("aggregate")
         try:
             new_vec = s.agg.new_model(s.base_vector)
+        except InvalidAggregate as exc:
+            self._abort(s.term, s.round, s.attempt, policy.failed("invalid_aggregate", exc))
+            self._suspect(s, s.agg.sum.survivors())
+            return
         except AggregationAbort as exc:
             self._abort(s.term, s.round, s.attempt, policy.failed("aggregation_failed", exc))
             return
@@ -389,6 +398,8 @@ class RoundDriver:
     def _committed(self, s: RoundSession, r: dict[str, Any], digest: str, survivors: list[str],
                    charges: dict[str, dict[str, float]]) -> None:
         if r["ok"]:
+            if self.search is not None and s.agg.plan.secagg is not None:
+                self._narrowed(s, self.search.after_valid(survivors))
             log.info("round %s committed %s", s.round, digest[:12],
                      extra={"event": "round_committed", "round": s.round, "attempt": s.attempt,
                             "term": s.term, "version": digest, "survivors": survivors,
@@ -402,6 +413,31 @@ class RoundDriver:
                 lambda st: {x: st["sites"][x]["budget"]["epsilon"] for x in charges})
             self._abort(s.term, s.round, s.attempt, policy.failed("refused", r["error"]),
                         policy.payable(charges, budgets))
+
+    def _suspect(self, s: RoundSession, survivors: list[str]) -> None:
+        """An invalid secure sum: start or narrow the search for its sender."""
+        self._narrowed(s, Search.start(survivors) if self.search is None
+                       else self.search.after_invalid(survivors))
+
+    def _narrowed(self, s: RoundSession, search: Search) -> None:
+        """Keep the search, end it, or quarantine the one suspect it has left."""
+        culprit = search.culprit()
+        self.search = None if culprit or search.over() else search
+        if search.over():
+            log.warning("no suspect of the invalid secure sum is left: search ended")
+            return
+        if culprit is None:
+            log.warning("round %s.%s: %d suspects of an invalid secure sum left", s.round,
+                        s.attempt, len(search.suspects),
+                        extra={"event": "invalid_aggregate", "round": s.round,
+                               "attempt": s.attempt, "suspects": sorted(search.suspects)})
+            return
+        reason = (f"behind an invalid secure sum (found at round {s.round}, attempt "
+                  f"{s.attempt}): its input was outside what honest clipped inputs can sum to")
+        r = self._submit(commands.quarantine(culprit, reason, s.round, s.attempt))
+        log.warning("site %s quarantined: %s", culprit, reason if r.get("ok") else r,
+                    extra={"event": "site_quarantined", "site": culprit, "round": s.round,
+                           "attempt": s.attempt, "applied": bool(r.get("ok"))})
 
     def _charges(self, s: RoundSession, sites: list[str]) -> dict[str, dict[str, float]]:
         """Each site's charge from the DP parameters it reported, accounted on the ledger.

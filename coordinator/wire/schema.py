@@ -110,6 +110,28 @@ def check_metrics(value: Any) -> dict[str, float]:
     return out
 
 
+_MAX_METRIC_ABS = 1.0e9
+_METRIC_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+
+
+def check_site_metrics(value: Any) -> dict[str, float]:
+    """A site's self-reported metrics, range-checked before any of them reaches a commit
+    (and so the signed audit log): names are short identifiers, every value lies within
+    +-1e9, an accuracy within [0, 1] and a loss is not negative. The state machine keeps
+    the looser `check_metrics`, so journals written before this check replay unchanged."""
+    out = check_metrics(value)
+    for name, v in out.items():
+        if not _METRIC_NAME.fullmatch(name):
+            raise WireError("out_of_range", f"metric name {name[:80]!r} is not a short identifier")
+        if abs(v) > _MAX_METRIC_ABS:
+            raise WireError("out_of_range", f"metric {name!r} is {v:.6g}, beyond +-{_MAX_METRIC_ABS:g}")
+        if "accuracy" in name and not 0.0 <= v <= 1.0:
+            raise WireError("out_of_range", f"metric {name!r} is {v:.6g}; an accuracy lies in [0, 1]")
+        if "loss" in name and v < 0:
+            raise WireError("out_of_range", f"metric {name!r} is {v:.6g}; a loss is not negative")
+    return out
+
+
 def _field(raw: Mapping[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
     value = raw.get(key)
     if kind is int and not is_int(value) or not isinstance(value, kind):
@@ -300,7 +322,7 @@ class Submit:
             raise WireError("stale_round", f"round {rnd}.{attempt} (term {term}) is not open")
         if stage not in STAGES:
             raise WireError("wrong_stage", f"no stage {stage!r}")
-        metrics = check_metrics(raw.get("metrics", {}))
+        metrics = check_site_metrics(raw.get("metrics", {}))
         update, n, body = raw.get("update"), raw.get("num_examples"), raw.get("secagg")
         if update is not None and not isinstance(update, bytes):
             raise WireError("malformed", "update must be bytes")

@@ -139,3 +139,18 @@ def test_a_writer_refuses_another_clusters_log(tmp_path: Path) -> None:
         AuditWriter(url, mine)
     assert theirs.key_id in str(exc.value) and mine.key_id in str(exc.value)
     AuditWriter(url, theirs).close()
+
+
+def test_a_quarantine_is_recorded_once_and_an_audit_head_not_at_all() -> None:
+    from coordinator.core import commands
+
+    state = _enrolled()
+    cmd = commands.quarantine("site-a", "behind the invalid secure sums of round 4", 4, 3)
+    record = _applied(state, cmd)
+    assert record == ("client_quarantined", {"site": "site-a", "round": 4, "attempt": 3,
+                                             "reason": "behind the invalid secure sums of round 4"})
+    validate_payload(*record)
+    assert _applied(state, cmd) is None  # the retry (same request id) is recorded once
+    head = {"tree_size": 3, "root_hash": "b" * 64, "key_id": "0" * 16, "signature": "ab"}
+    assert apply(state, commands.audit_head(head))["ok"]
+    assert audit_record(commands.audit_head(head), {"ok": True}, state) is None

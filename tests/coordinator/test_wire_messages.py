@@ -55,9 +55,22 @@ def test_a_submit_is_typed_once() -> None:
     ({"metrics": {"loss": float("nan")}}, "malformed"), ({"update": "text"}, "malformed"),
     ({"num_examples": 0}, "malformed"), ({"num_examples": True}, "malformed"),
     ({"secagg": [1]}, "malformed"),
+    ({"metrics": {"eval_accuracy": 1e300}}, "out_of_range"),
+    ({"metrics": {"eval_accuracy": 1.5}}, "out_of_range"),
+    ({"metrics": {"train_loss": -0.1}}, "out_of_range"),
+    ({"metrics": {"steps": 2e9}}, "out_of_range"),
+    ({"metrics": {"<script>": 1}}, "out_of_range"),
 ])
 def test_a_malformed_submit_names_its_code(change: dict, code: str) -> None:
     with pytest.raises(wire.WireError) as exc:
         wire.Submit.from_wire(_submit(**change))
     assert exc.value.code == code
     assert exc.value.reply() == {"ok": False, "code": code, "error": exc.value.message}
+
+
+def test_honest_site_metrics_pass_the_range_check() -> None:
+    metrics = {"eval_accuracy": 0.93, "eval_loss": 0.2, "train_loss": 0.0, "steps": 120,
+               "noise_multiplier": 1.1, "sample_rate": 0.05, "clip_norm": 1.0, "delta": 1e-5,
+               "num-examples": 57}
+    assert wire.Submit.from_wire(_submit(metrics=metrics)).metrics == {
+        k: float(v) for k, v in metrics.items()}
