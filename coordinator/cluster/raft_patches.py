@@ -22,11 +22,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pysyncobj import SyncObj
+from pysyncobj.pickle import to_bytes
 
 from coordinator import durable
+from coordinator.cluster.journal_check import MAX_TERM, META_SUM, JournalSums, meta_digest
 
 log = logging.getLogger(__name__)
 
@@ -137,30 +140,54 @@ def hold_elections_until_led(sync: SyncObj) -> None:
 
 
 def make_journal_durable(sync: SyncObj) -> None:
-    """Sync the Raft journal after every append and truncation, and the term/vote file.
+    """Sync the Raft journal after every append and truncation, and the term/vote file,
+    each with its checksum (`journal_check`), closed when pysyncobj closes its journal.
 
     pysyncobj 0.3.17 (pinned) keeps its journal in ``_SyncObj__raftLog``; appends and
     truncations reach the disk before the call returns, so before the follower's reply
     or the leader's count of its own copy. Raises if the pinned internals moved."""
     journal = sync._SyncObj__raftLog  # type: ignore[attr-defined]
     flush = journal.flush
-    add, delete_from = journal.add, journal.deleteEntriesFrom
+    add, delete_from, clear = journal.add, journal.deleteEntriesFrom, journal.clear
+    meta = journal._FileJournal__metaStorer  # the current term and vote: Raft needs them durable
+    store = meta.storeMeta
+    path = meta.getPath()
+    sums = JournalSums(Path(path).with_name(Path(path).name.removesuffix(".meta") + ".sums"))
+    sums.truncate(len(journal))  # sums of appends that died before their record was synced
+    for command, idx, term in journal[len(sums):]:  # pysyncobj's first no-op; older journals
+        sums.append(idx, term, to_bytes(command))
+    sums.sync()
 
     def durable_add(command: Any, idx: int, term: int) -> None:
         add(command, idx, term)
+        sums.append(idx, term, to_bytes(command))
         flush()
+        sums.sync()
 
     def durable_delete_from(entry_from: int) -> None:
         delete_from(entry_from)
         flush()
+        sums.truncate(entry_from)
+        sums.sync()
 
+    def durable_clear() -> None:
+        clear()
+        flush()
+        sums.truncate(0)
+        sums.sync()
+
+    def destroy() -> None:  # on the tick thread, after its last write
+        destroy_journal()
+        sums.close()
+
+    destroy_journal = journal._destroy
     journal.add = durable_add
     journal.deleteEntriesFrom = durable_delete_from
-    meta = journal._FileJournal__metaStorer  # the current term and vote: Raft needs them durable
-    store = meta.storeMeta
-    path = meta.getPath()
+    journal.clear = durable_clear
+    journal._destroy = destroy
 
     def durable_store(values: dict[str, Any]) -> None:
+        values[META_SUM] = meta_digest(values)
         store(values)
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -280,4 +307,59 @@ def truncate_only_on_conflict(sync: SyncObj) -> None:
     _drop_pysyncobj_truncation_warning()
     sync._SyncObj__deleteEntriesFrom = guarded_delete  # type: ignore[attr-defined]
     sync._SyncObj__doChangeCluster = guarded_change  # type: ignore[attr-defined]
+    transport.setOnMessageReceivedCallback(on_message)
+
+
+# ---------------------------------------------------------------- bounded terms and indices
+
+BOUNDED_FIELDS = ("term", "prevLogIdx", "prevLogTerm", "commit_index", "next_node_idx",
+                  "last_log_index", "last_log_term", "log_idx", "log_term")
+
+
+def message_out_of_bounds(message: Any) -> str | None:
+    """Why a peer's message carries a term or index no honest node sends, or None."""
+    if not isinstance(message, dict):
+        return None
+    for key in BOUNDED_FIELDS:
+        if key in message:
+            value = message[key]
+            if type(value) is not int or not 0 <= value <= MAX_TERM:
+                return f"{key} {value!r} is out of bounds"
+    entries = message.get("entries")
+    if entries is not None:
+        if not isinstance(entries, list):
+            return "entries is not a list"
+        for entry in entries:
+            if not (isinstance(entry, tuple | list) and len(entry) == 3
+                    and all(type(v) is int and 0 <= v <= MAX_TERM for v in entry[1:])):
+                return "an entry's index or term is out of bounds"
+    return None
+
+
+def refuse_unbounded_terms(sync: SyncObj, log_every: float = 10.0) -> None:
+    """Drop any message whose term or index is out of bounds, before pysyncobj reads it.
+
+    A node whose term file was overwritten with 0xff announced a term past 2^64; every
+    peer adopted it (a higher term always wins in Raft) and then could write neither its
+    term file nor its journal: one damaged disk stopped the federation. Terms and
+    indices are bounded by `journal_check.MAX_TERM` on disk and here on the wire. Logs
+    one line per peer per `log_every` seconds. Install it after the other message
+    patches, so that it runs first. Reaches into pysyncobj 0.3.17's transport callback."""
+    transport = sync._SyncObj__transport  # type: ignore[attr-defined]
+    handle = transport._onMessageReceivedCallback
+    if handle is None:
+        raise RuntimeError("pysyncobj internals moved: no message callback to guard")
+    logged: dict[str, float] = {}
+
+    def on_message(node: Any, message: Any) -> None:  # tick thread
+        problem = message_out_of_bounds(message)
+        if problem is None:
+            handle(node, message)
+            return
+        now = time.monotonic()
+        if now - logged.get(str(node), -log_every) >= log_every:
+            logged[str(node)] = now
+            log.warning("dropped a Raft message from %s: %s", node, problem,
+                        extra={"event": "raft_message_out_of_bounds"})
+
     transport.setOnMessageReceivedCallback(on_message)

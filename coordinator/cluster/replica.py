@@ -29,16 +29,21 @@ from pysyncobj.config import FAIL_REASON
 from pysyncobj.syncobj import SyncObjException
 
 from coordinator import wire
+from coordinator.cluster.journal_check import check_raft_dir
 from coordinator.cluster.raft_patches import (
     elect_soon_when_leader_hangs_up,
     hold_elections_until_led,
     keep_links_alive,
     make_journal_durable,
+    refuse_unbounded_terms,
     truncate_only_on_conflict,
 )
 from coordinator.core import state as sm
 
 log = logging.getLogger(__name__)
+
+REJOIN_MARKER = "REJOIN"
+"""Left in an emptied Raft directory by `fedraft node recover`: the node rejoins quietly."""
 
 AppliedHook = Callable[[dict[str, Any], dict[str, Any], dict[str, Any]], None]
 
@@ -120,12 +125,17 @@ class Replica:
         )
         self.self_addr = self_addr
         self.state = ReplicatedState(on_applied)
+        check_raft_dir(data_dir / "raft.journal")  # damage is named, never replayed
         self.sync = SyncObj(self_addr, peers, conf, consumers=[self.state])
         make_journal_durable(self.sync)
         truncate_only_on_conflict(self.sync)
         keep_links_alive(self.sync, interval=election[1] / 4)
         elect_soon_when_leader_hangs_up(self.sync, spread=min(0.3, election[0] / 3))
-        if join and self._raw_status()["log_len"] <= 1:
+        refuse_unbounded_terms(self.sync)  # last: it runs first on every message
+        marker = data_dir / REJOIN_MARKER
+        if self._raw_status()["log_len"] > 1:
+            marker.unlink(missing_ok=True)
+        elif join or marker.exists():
             hold_elections_until_led(self.sync)
             log.info("joining a running cluster: no election until a leader calls")
 

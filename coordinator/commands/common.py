@@ -1,7 +1,8 @@
 """What every `fedraft` command group shares: consoles, options, exit codes, helpers.
 
 Exit codes: 0 done; 1 the cluster refused or the command failed (the error is printed);
-2 bad usage or configuration; 3 no node answered; 4 a wait timed out.
+2 bad usage or configuration; 3 no node answered; 4 a wait timed out; 5 a node's own
+storage is damaged (`fedraft node start` refuses to serve it).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from rich.console import Console
 from coordinator.cluster.config import ConfigError
 from coordinator.ops.admin_client import AdminClient, Refused, Unreachable, load_operator_config
 
-EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 1, 2, 3, 4
+EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT, EXIT_DAMAGED = 1, 2, 3, 4, 5
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)  # an error is one line, however long
