@@ -50,7 +50,7 @@ class Node:
         self.replica = Replica(
             config.self_addr.raft, [p.raft for p in config.peers], config.data_dir / "raft",
             config.raft_password, (config.election_min_s, config.election_max_s),
-            on_applied=self._on_applied, join=config.join)
+            on_applied=self._on_applied, join=config.join, bind=config.raft_bind)
         self.membership = Membership(self.replica, config, self.identity)
         self.audit_heads = AuditHeadPublisher(self.replica, self.audit.latest_head)
         self.metrics.watch(self._metrics_view())

@@ -54,6 +54,7 @@ class NodeConfig:
     metrics_bind: str = ""  # host:port serving Prometheus /metrics; "" is off
     log_json: bool = False
     join: bool = False  # joining a running cluster: start no election until a leader calls
+    raft_bind: str = ""  # host:port the Raft port listens on; "" is the node's raft address
     fleet_limit: Limit = DEFAULT_FLEET  # per site certificate, on each node
     admin_limit: Limit = DEFAULT_ADMIN  # per operator, auditor or node certificate
     extra: dict[str, Any] = field(default_factory=dict)
@@ -158,7 +159,7 @@ def read_toml(path: Path) -> dict[str, Any]:
 SECTIONS: dict[str, frozenset[str]] = {
     "node": frozenset({"id", "raft", "fleet", "admin", "data_dir", "join"}),
     "tls": frozenset({"ca", "cert", "key"}),
-    "raft": frozenset({"password", "election_min_s", "election_max_s"}),
+    "raft": frozenset({"password", "election_min_s", "election_max_s", "bind"}),
     "audit": frozenset({"key", "db"}),
     "metrics": frozenset({"bind"}),
     "log": frozenset({"json"}),
@@ -217,6 +218,9 @@ def load_node_config(path: Path) -> NodeConfig:
     audit_db = r.get("audit", "db", str, f"sqlite:///{data_dir / 'audit.db'}")
     if "://" not in audit_db:
         raise ConfigError("audit.db: expected a SQLAlchemy URL (sqlite:///... or postgresql+psycopg://...)")
+    raft_bind = r.get("raft", "bind", str, "").strip()
+    if raft_bind:
+        host_port(raft_bind, "raft.bind")
     metrics_bind = r.get("metrics", "bind", str, "").strip()
     if metrics_bind:
         host_port(metrics_bind, "metrics.bind")
@@ -233,6 +237,7 @@ def load_node_config(path: Path) -> NodeConfig:
         election_min_s=emin,
         election_max_s=emax,
         join=r.get("node", "join", bool, False),
+        raft_bind=raft_bind,
         metrics_bind=metrics_bind,
         log_json=r.get("log", "json", bool, False),
         fleet_limit=_limit(r, "fleet", DEFAULT_FLEET),

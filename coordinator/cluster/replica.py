@@ -38,6 +38,7 @@ from coordinator.cluster.raft_patches import (
     refuse_unbounded_terms,
     truncate_only_on_conflict,
 )
+from coordinator.cluster.raft_transport import harden_transport
 from coordinator.core import state as sm
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,10 @@ class Replica:
         on_applied: AppliedHook,
         on_state_changed: Callable[[int, int], None] | None = None,
         join: bool = False,
+        bind: str = "",
     ) -> None:
+        """`bind` is the host:port the Raft port listens on: only `self_addr` unless given
+        (pysyncobj alone listens on every interface)."""
         data_dir.mkdir(parents=True, exist_ok=True)
         conf = SyncObjConf(
             password=password,
@@ -122,6 +126,7 @@ class Replica:
             # within seconds, not after pysyncobj's default 10-minute DNS cache
             dnsCacheTime=5.0,
             dnsFailCacheTime=2.0,
+            bindAddress=bind or self_addr,
         )
         self.self_addr = self_addr
         self.state = ReplicatedState(on_applied)
@@ -132,6 +137,7 @@ class Replica:
         keep_links_alive(self.sync, interval=election[1] / 4)
         elect_soon_when_leader_hangs_up(self.sync, spread=min(0.3, election[0] / 3))
         refuse_unbounded_terms(self.sync)  # last: it runs first on every message
+        harden_transport(self.sync)
         marker = data_dir / REJOIN_MARKER
         if self._raw_status()["log_len"] > 1:
             marker.unlink(missing_ok=True)
