@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,7 @@ class NodeApi:
     online: OnlineSites
     bell: TaskBell
     stopping: threading.Event
+    disk_full: Callable[[], str | None] = lambda: None  # why this node takes no writes now
 
     def services(self) -> dict[str, dict[str, tuple[Handler, frozenset[str]]]]:
         """Every method of both APIs with the roles that may call it (for `rpc.make_server`)."""
@@ -60,7 +62,16 @@ class NodeApi:
     def fleet_methods(self) -> dict[str, tuple[Handler, frozenset[str]]]:
         return {"Poll": (self.fleet_poll, FLEET_CALLERS),
                 "GetBlob": (self.fleet_get_blob, FLEET_CALLERS),
-                "Submit": (self.fleet_submit, FLEET_CALLERS)}
+                "Submit": (self._writing(self.fleet_submit), FLEET_CALLERS)}
+
+    def _writing(self, handler: Handler) -> Handler:
+        """`handler`, refused with `disk_full` while this node's disk is full."""
+        def guarded(msg: dict[str, Any], caller: Caller) -> Reply:
+            reason = self.disk_full()
+            if reason is not None:
+                return wire.error("disk_full", f"node {self.self_addr.id} takes no work: {reason}")
+            return handler(msg, caller)
+        return guarded
 
     def admin_methods(self) -> dict[str, tuple[Handler, frozenset[str]]]:
         return {
@@ -68,15 +79,15 @@ class NodeApi:
             "Sites": (self.admin_sites, ADMIN_READERS),
             "RoundStatus": (self.admin_round_status, ADMIN_READERS),
             "GetBlob": (self.admin_get_blob, ADMIN_READERS),
-            "Enroll": (self.admin_enroll, OPERATOR_ONLY),
-            "Revoke": (self.admin_revoke, OPERATOR_ONLY),
-            "SetBudget": (self.admin_set_budget, OPERATOR_ONLY),
-            "InitModel": (self.admin_init_model, OPERATOR_ONLY),
-            "Train": (self.admin_train, OPERATOR_ONLY),
-            "Stop": (self.admin_stop, OPERATOR_ONLY),
-            "PutBlob": (self.admin_put_blob, NODE_ONLY),
-            "AddNode": (self.admin_add_node, OPERATOR_ONLY),
-            "RemoveNode": (self.admin_remove_node, OPERATOR_ONLY),
+            "Enroll": (self._writing(self.admin_enroll), OPERATOR_ONLY),
+            "Revoke": (self._writing(self.admin_revoke), OPERATOR_ONLY),
+            "SetBudget": (self._writing(self.admin_set_budget), OPERATOR_ONLY),
+            "InitModel": (self._writing(self.admin_init_model), OPERATOR_ONLY),
+            "Train": (self._writing(self.admin_train), OPERATOR_ONLY),
+            "Stop": (self.admin_stop, OPERATOR_ONLY),  # stopping must always be possible
+            "PutBlob": (self._writing(self.admin_put_blob), NODE_ONLY),
+            "AddNode": (self._writing(self.admin_add_node), OPERATOR_ONLY),
+            "RemoveNode": (self._writing(self.admin_remove_node), OPERATOR_ONLY),
             "TransferLeader": (self.admin_transfer_leader, OPERATOR_ONLY),
         }
 

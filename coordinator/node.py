@@ -19,6 +19,7 @@ from coordinator.cluster import metrics, pki, rpc, throttle
 from coordinator.cluster.audit_head import AuditHeadPublisher
 from coordinator.cluster.blobs import BlobService, BlobStore
 from coordinator.cluster.config import NodeConfig
+from coordinator.cluster.disk import MIB, DiskWatch
 from coordinator.cluster.membership import Membership
 from coordinator.cluster.presence import OnlineSites, TaskBell
 from coordinator.cluster.replica import Replica
@@ -41,6 +42,9 @@ class Node:
         # Everything the replica's hook touches exists before the replica: replaying the
         # journal applies commands as soon as it is built.
         self.metrics = metrics.NodeMetrics()
+        self.disk = DiskWatch(config.data_dir, config.min_free_mb * MIB,
+                              2 * config.min_free_mb * MIB, on_change=self._disk_changed)
+        self.disk.check()  # a node started on a full disk starts paused
         self.audit = AuditWriter(config.audit_db, load_signer(config.audit_key),
                                  on_written=self.metrics.audit_written)
         self.blobs = BlobService(BlobStore(config.data_dir / "blobs"), self.id,
@@ -50,16 +54,19 @@ class Node:
         self.replica = Replica(
             config.self_addr.raft, [p.raft for p in config.peers], config.data_dir / "raft",
             config.raft_password, (config.election_min_s, config.election_max_s),
-            on_applied=self._on_applied, join=config.join, bind=config.raft_bind)
+            on_applied=self._on_applied, join=config.join, bind=config.raft_bind,
+            paused=self.disk.full)
         self.membership = Membership(self.replica, config, self.identity)
         self.audit_heads = AuditHeadPublisher(self.replica, self.audit.latest_head)
         self.metrics.watch(self._metrics_view())
         # Only the leader unmasks; its helper processes start at the first long vector.
         self.mask_pool = MaskPool(config.unmask_workers)
         self.driver = RoundDriver(self.id, self.replica, self.blobs, self.membership.cluster_size,
-                                  self.online, self.bell, self.mask_pool, metrics=self.metrics)
+                                  self.online, self.bell, self.mask_pool, metrics=self.metrics,
+                                  paused=self.disk.full)
         self.api = api.NodeApi(config.self_addr, self.replica, self.blobs, self.membership,
-                               self.driver, self.online, self.bell, self._stopping)
+                               self.driver, self.online, self.bell, self._stopping,
+                               lambda: self.disk.reason() if self.disk.full() else None)
         self._servers(config)
 
     def _servers(self, config: NodeConfig) -> None:
@@ -103,6 +110,8 @@ class Node:
                          name="blob-fetcher", daemon=True).start()
         threading.Thread(target=self.audit_heads.run, args=(self._stopping,),
                          name="audit-head", daemon=True).start()
+        threading.Thread(target=self.disk.run, args=(self._stopping,),
+                         name="disk-watch", daemon=True).start()
         log.info("node %s up: raft %s fleet %s admin %s", self.id, self.config.self_addr.raft,
                  self.config.self_addr.fleet, self.config.self_addr.admin)
 
@@ -124,6 +133,21 @@ class Node:
             signal.signal(sig, lambda *_: done.set())
         done.wait()
         self.stop()
+
+    def _disk_changed(self, full: bool) -> None:
+        """A leader whose disk filled hands leadership to a member that can still write."""
+        replica = getattr(self, "replica", None)
+        if not full or replica is None or not replica.is_leader():
+            return
+
+        def hand_over() -> None:
+            try:
+                new = replica.transfer_leadership(None, 10.0)
+                log.warning("disk full: leadership handed to %s", new)
+            except Exception as exc:  # the others may be down too: then nobody writes
+                log.error("disk full and leadership could not be handed over: %s", exc)
+
+        threading.Thread(target=hand_over, name="disk-full-handover", daemon=True).start()
 
     # ------------------------------------------------------------ replicated-state hooks
 

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import OperationalError
+
 from coordinator.audit import AuditSigner, AuditStore
 from coordinator.core import commands
 
@@ -109,6 +111,7 @@ class AuditWriter:
             raise
         self._on_written = on_written
         self._head: dict[str, Any] | None = None
+        self._closing = threading.Event()
         self._queue: queue.Queue[tuple[int, str, dict[str, Any]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
@@ -135,10 +138,8 @@ class AuditWriter:
             if item is None:
                 return
             seq, kind, payload = item
-            try:
-                entry = self.store.append(kind, payload, raft_index=seq)
-            except Exception:
-                log.exception("audit append failed for command %s (%s)", seq, kind)
+            entry = self._append(seq, kind, payload)
+            if entry is None:
                 continue
             if entry.seq > written:
                 written = entry.seq
@@ -146,6 +147,26 @@ class AuditWriter:
                     self._on_written(kind)
             if self._queue.empty():
                 self._sign_head()
+
+    def _append(self, seq: int, kind: str, payload: dict[str, Any]) -> Any:
+        """Append one entry; a database that cannot write now (a full disk, a restarting
+        server) is retried every second, never skipped, so that no later entry lands
+        after a gap. An entry the store refuses is logged and skipped."""
+        waited = 0
+        while True:
+            try:
+                return self.store.append(kind, payload, raft_index=seq)
+            except (OSError, OperationalError) as exc:
+                if self._closing.is_set():
+                    return None
+                if waited % 60 == 0:
+                    log.error("audit append for command %s (%s) failed, retrying: %s", seq,
+                              kind, str(exc).splitlines()[0] if str(exc) else exc)
+                waited += 1
+                self._closing.wait(1.0)
+            except Exception:
+                log.exception("audit append failed for command %s (%s)", seq, kind)
+                return None
 
     def _sign_head(self) -> None:
         try:
@@ -161,6 +182,7 @@ class AuditWriter:
         return self._head
 
     def close(self) -> None:
+        self._closing.set()
         self._queue.put(None)
         self._thread.join(5)
         self.store.close()

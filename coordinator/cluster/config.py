@@ -55,6 +55,7 @@ class NodeConfig:
     log_json: bool = False
     join: bool = False  # joining a running cluster: start no election until a leader calls
     raft_bind: str = ""  # host:port the Raft port listens on; "" is the node's raft address
+    min_free_mb: int = 256  # below this much free disk the node takes no work (until 2x)
     fleet_limit: Limit = DEFAULT_FLEET  # per site certificate, on each node
     admin_limit: Limit = DEFAULT_ADMIN  # per operator, auditor or node certificate
     extra: dict[str, Any] = field(default_factory=dict)
@@ -164,7 +165,7 @@ SECTIONS: dict[str, frozenset[str]] = {
     "metrics": frozenset({"bind"}),
     "log": frozenset({"json"}),
     "limits": frozenset({"fleet_rps", "fleet_burst", "admin_rps", "admin_burst", "fleet_workers",
-                          "unmask_workers"}),
+                          "unmask_workers", "min_free_mb"}),
 }
 """The tables of node.toml and their keys (plus the [[peers]] array): a misspelt key is an
 error, not a silently ignored default."""
@@ -244,6 +245,7 @@ def load_node_config(path: Path) -> NodeConfig:
         admin_limit=_limit(r, "admin", DEFAULT_ADMIN),
         fleet_workers=r.number("limits", "fleet_workers", int, 64, 1),
         unmask_workers=r.number("limits", "unmask_workers", int, default_unmask_workers(), 0),
+        min_free_mb=r.number("limits", "min_free_mb", int, 256, 0),
     )
 
 

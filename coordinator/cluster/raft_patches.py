@@ -159,7 +159,13 @@ def make_journal_durable(sync: SyncObj) -> None:
     sums.sync()
 
     def durable_add(command: Any, idx: int, term: int) -> None:
-        add(command, idx, term)
+        try:
+            add(command, idx, term)
+        except BaseException:  # no space (see reserve_journal_space): nothing written or acked
+            held = journal._FileJournal__journal
+            if held and held[-1] == (command, idx, term):
+                held.pop()  # pysyncobj keeps the entry in memory before it writes the file
+            raise
         sums.append(idx, term, to_bytes(command))
         flush()
         sums.sync()
@@ -363,3 +369,65 @@ def refuse_unbounded_terms(sync: SyncObj, log_every: float = 10.0) -> None:
                         extra={"event": "raft_message_out_of_bounds"})
 
     transport.setOnMessageReceivedCallback(on_message)
+
+
+# ---------------------------------------------------------------- a full disk
+
+_reserving = False
+
+
+def reserve_journal_space() -> None:
+    """Make pysyncobj's journal file claim its blocks before it maps them (every journal
+    in the process).
+
+    pysyncobj grows the file under its mmap with ftruncate, which allocates nothing: on a
+    full disk the first write to a new page killed the node with SIGBUS. posix_fallocate
+    first turns that into an OSError (ENOSPC) raised before anything is written, which
+    `make_journal_durable` undoes in memory; the node does not acknowledge the entry.
+    Reaches into pysyncobj 0.3.17's ResizableFile; raises if it moved."""
+    global _reserving
+    from pysyncobj.journal import ResizableFile
+
+    if _reserving:
+        return
+    write = ResizableFile.write
+    if not hasattr(ResizableFile, "_ResizableFile__extand"):
+        raise RuntimeError("pysyncobj internals moved: no ResizableFile to reserve for")
+
+    def reserving_write(self: Any, offset: int, values: bytes) -> None:
+        mm, end = self._ResizableFile__mm, offset + len(values)
+        size = mm.size()
+        if end > size:
+            grown = max(int(size * self._ResizableFile__resizeFactor), end)
+            os.posix_fallocate(self._ResizableFile__f.fileno(), size, grown - size)
+            mm.resize(grown)  # the file is that long now: map what was allocated
+        write(self, offset, values)
+
+    ResizableFile.write = reserving_write
+    _reserving = True
+
+
+def pause_while(sync: SyncObj, paused: Callable[[], bool]) -> None:
+    """While `paused()` (the node's disk is full) take no Raft append and cast no vote,
+    and stand for no election: each would need a write that cannot happen. The leader
+    resends what this node did not acknowledge once it takes part again. Reaches into
+    pysyncobj 0.3.17's transport callback and election deadline; raises if they moved."""
+    attr = "_SyncObj__raftElectionDeadline"
+    getattr(sync, attr)
+    transport = sync._SyncObj__transport  # type: ignore[attr-defined]
+    handle = transport._onMessageReceivedCallback
+    if handle is None:
+        raise RuntimeError("pysyncobj internals moved: no message callback to guard")
+
+    def on_message(node: Any, message: Any) -> None:  # tick thread
+        if (paused() and isinstance(message, dict)
+                and message.get("type") in ("append_entries", "request_vote")):
+            return
+        handle(node, message)
+
+    def hold() -> None:  # tick thread
+        if paused() and not sync._isLeader():
+            setattr(sync, attr, max(getattr(sync, attr), time.monotonic() + 1.0))
+
+    transport.setOnMessageReceivedCallback(on_message)
+    sync.addOnTickCallback(hold)

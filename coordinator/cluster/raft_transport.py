@@ -10,8 +10,8 @@ Here, before anything is decrypted or unpickled:
 * `MAX_FRAME`: a frame announcing more (or a negative length) closes the connection;
   reads per poll event are bounded, so a flood cannot hold the tick thread;
 * a connection that has not named itself as a member within `hello_timeout` is closed,
-  and so is any connection silent for longer than pysyncobj's connection timeout (it
-  only checked that on traffic);
+  silent or not (pysyncobj checked its timeout only on traffic, so a silent stranger
+  stayed forever); members' links keep pysyncobj's own timeout;
 * at most `max_pending` unnamed connections, `max_pending_per_host` from one address;
 * read-only nodes and utility commands are refused: fedraft uses neither;
 * accept failing for lack of descriptors or memory leaves the listener open.
@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 from pysyncobj import SyncObj
-from pysyncobj.tcp_connection import CONNECTION_STATE, TcpConnection
+from pysyncobj.tcp_connection import TcpConnection
 from pysyncobj.tcp_server import TcpServer
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def harden_transport(sync: SyncObj, *, hello_timeout: float = 5.0, max_pending: 
             return
         on_first(conn, message)
 
-    def sweep() -> None:  # tick thread: close what stayed unnamed or went silent
+    def sweep() -> None:  # tick thread: close what stayed unnamed (silent or not)
         now = time.monotonic()
         for conn, (since, host) in list(opened.items()):
             if conn not in pending:
@@ -172,9 +172,6 @@ def harden_transport(sync: SyncObj, *, hello_timeout: float = 5.0, max_pending: 
                 conn.disconnect()
                 pending.discard(conn)
                 del opened[conn]
-        for conn in [*pending, *transport._connections.values()]:
-            if conn.state != CONNECTION_STATE.DISCONNECTED:
-                conn._TcpConnection__processConnectionTimeout()  # type: ignore[attr-defined]
 
     transport._onNewIncomingConnection = new_connection
     server = transport._server

@@ -35,7 +35,9 @@ from coordinator.cluster.raft_patches import (
     hold_elections_until_led,
     keep_links_alive,
     make_journal_durable,
+    pause_while,
     refuse_unbounded_terms,
+    reserve_journal_space,
     truncate_only_on_conflict,
 )
 from coordinator.cluster.raft_transport import harden_transport
@@ -101,9 +103,11 @@ class Replica:
         on_state_changed: Callable[[int, int], None] | None = None,
         join: bool = False,
         bind: str = "",
+        paused: Callable[[], bool] = lambda: False,
     ) -> None:
         """`bind` is the host:port the Raft port listens on: only `self_addr` unless given
-        (pysyncobj alone listens on every interface)."""
+        (pysyncobj alone listens on every interface). While `paused()` (its disk is full)
+        the replica takes no append, casts no vote and stands for no election."""
         data_dir.mkdir(parents=True, exist_ok=True)
         conf = SyncObjConf(
             password=password,
@@ -131,11 +135,13 @@ class Replica:
         self.self_addr = self_addr
         self.state = ReplicatedState(on_applied)
         check_raft_dir(data_dir / "raft.journal")  # damage is named, never replayed
+        reserve_journal_space()  # a full disk is an error, not SIGBUS
         self.sync = SyncObj(self_addr, peers, conf, consumers=[self.state])
         make_journal_durable(self.sync)
         truncate_only_on_conflict(self.sync)
         keep_links_alive(self.sync, interval=election[1] / 4)
         elect_soon_when_leader_hangs_up(self.sync, spread=min(0.3, election[0] / 3))
+        pause_while(self.sync, paused)
         refuse_unbounded_terms(self.sync)  # last: it runs first on every message
         harden_transport(self.sync)
         marker = data_dir / REJOIN_MARKER

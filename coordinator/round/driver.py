@@ -45,7 +45,9 @@ class RoundDriver:
     def __init__(self, node_id: str, replica: Replica, blobs: BlobService,
                  cluster_size: Callable[[], int], online: OnlineSites, bell: TaskBell,
                  masker: secagg.MaskApplier, metrics: NodeMetrics | None = None,
-                 faults: FaultHold | None = None, charges: ChargePool | None = None) -> None:
+                 faults: FaultHold | None = None, charges: ChargePool | None = None,
+                 paused: Callable[[], bool] = lambda: False) -> None:
+        """`paused()` holds the driver between attempts (this node's disk is full)."""
         self.node_id = node_id
         self.replica = replica
         self.blobs = blobs
@@ -55,6 +57,7 @@ class RoundDriver:
         self.masker = masker
         self.metrics = metrics
         self.faults = faults or FaultHold.from_env()
+        self.paused = paused
         self.charges = charges or ChargePool()
         self.late = LateCharges(replica, self.charges)
         self.session: RoundSession | None = None
@@ -164,6 +167,10 @@ class RoundDriver:
             self._claimed_term = None
             self._drop_session()
             self._idle(0.05)
+            return
+        if self.paused():
+            self._drop_session()
+            self._idle(0.5)
             return
         term = self._claim()
         if term is None:
