@@ -34,6 +34,16 @@ from coordinator.cluster.journal_check import MAX_TERM, META_SUM, JournalSums, m
 log = logging.getLogger(__name__)
 
 
+def _message_handler(sync: SyncObj) -> tuple[Any, Callable[[Any, Any], None]]:
+    """pysyncobj 0.3.17's transport and the handler it gives each member's message, which
+    the patches below wrap; raises if they moved."""
+    transport = sync._SyncObj__transport  # type: ignore[attr-defined]
+    handle = transport._onMessageReceivedCallback
+    if handle is None:
+        raise RuntimeError("pysyncobj internals moved: no message callback to guard")
+    return transport, handle
+
+
 KEEPALIVE = {"type": "fedraft_keepalive"}  # pysyncobj ignores message types it does not know
 
 
@@ -267,12 +277,9 @@ def truncate_only_on_conflict(sync: SyncObj) -> None:
     Reaches into pysyncobj 0.3.17's log, transport callback and two private methods;
     raises if they moved."""
     journal = sync._SyncObj__raftLog  # type: ignore[attr-defined]
-    transport = sync._SyncObj__transport  # type: ignore[attr-defined]
-    handle = transport._onMessageReceivedCallback
+    transport, handle = _message_handler(sync)
     delete_from = sync._SyncObj__deleteEntriesFrom  # type: ignore[attr-defined]
     change_cluster = sync._SyncObj__doChangeCluster  # type: ignore[attr-defined]
-    if handle is None:
-        raise RuntimeError("pysyncobj internals moved: no message callback to guard")
     allowed: list[int | None] = [None]  # where the message being handled may truncate
 
     def term_at(index: int) -> int | None:
@@ -351,10 +358,7 @@ def refuse_unbounded_terms(sync: SyncObj, log_every: float = 10.0) -> None:
     indices are bounded by `journal_check.MAX_TERM` on disk and here on the wire. Logs
     one line per peer per `log_every` seconds. Install it after the other message
     patches, so that it runs first. Reaches into pysyncobj 0.3.17's transport callback."""
-    transport = sync._SyncObj__transport  # type: ignore[attr-defined]
-    handle = transport._onMessageReceivedCallback
-    if handle is None:
-        raise RuntimeError("pysyncobj internals moved: no message callback to guard")
+    transport, handle = _message_handler(sync)
     logged: dict[str, float] = {}
 
     def on_message(node: Any, message: Any) -> None:  # tick thread
@@ -414,10 +418,7 @@ def pause_while(sync: SyncObj, paused: Callable[[], bool]) -> None:
     pysyncobj 0.3.17's transport callback and election deadline; raises if they moved."""
     attr = "_SyncObj__raftElectionDeadline"
     getattr(sync, attr)
-    transport = sync._SyncObj__transport  # type: ignore[attr-defined]
-    handle = transport._onMessageReceivedCallback
-    if handle is None:
-        raise RuntimeError("pysyncobj internals moved: no message callback to guard")
+    transport, handle = _message_handler(sync)
 
     def on_message(node: Any, message: Any) -> None:  # tick thread
         if (paused() and isinstance(message, dict)
