@@ -110,7 +110,6 @@ class AuditWriter:
             self.store.close()
             raise
         self._on_written = on_written
-        self._head: dict[str, Any] | None = None
         self._closing = threading.Event()
         self._queue: queue.Queue[tuple[int, str, dict[str, Any]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
@@ -131,8 +130,6 @@ class AuditWriter:
         except Exception:
             log.exception("audit log head unreadable")
         written = head.seq if head is not None else -1
-        if head is not None:
-            self._sign_head()
         while True:
             item = self._queue.get()
             if item is None:
@@ -145,8 +142,6 @@ class AuditWriter:
                 written = entry.seq
                 if self._on_written is not None:
                     self._on_written(kind)
-            if self._queue.empty():
-                self._sign_head()
 
     def _append(self, seq: int, kind: str, payload: dict[str, Any]) -> Any:
         """Append one entry; a database that cannot write now (a full disk, a restarting
@@ -168,18 +163,15 @@ class AuditWriter:
                 log.exception("audit append failed for command %s (%s)", seq, kind)
                 return None
 
-    def _sign_head(self) -> None:
+    def latest_head(self) -> dict[str, Any] | None:
+        """A signed head over this node's log as it stands, or None (empty, or unreadable).
+        Signed on demand (the leader's publisher asks every few seconds), not per append."""
         try:
             head = self.store.signed_head()
         except Exception:
             log.exception("audit head not signed")
-            return
-        if head is not None:
-            self._head = head.to_dict()
-
-    def latest_head(self) -> dict[str, Any] | None:
-        """The newest signed head of this node's log (signed when the writer catches up)."""
-        return self._head
+            return None
+        return head.to_dict() if head is not None else None
 
     def close(self) -> None:
         self._closing.set()

@@ -9,8 +9,15 @@ expects them (raising at start if a new pysyncobj moved them) and changes one be
   entry at the same index has another term (Raft, section 5.3); pysyncobj deleted every
   entry after a message's `prevLogIdx`, so a stale or repeated AppendEntries could drop
   entries the follower had already acknowledged or applied.
+* `refuse_unbounded_terms`: a peer's term or index past `journal_check.MAX_TERM` is
+  dropped before pysyncobj adopts it.
+* `reserve_journal_space`, `pause_while`: a full disk fails an append with ENOSPC instead
+  of SIGBUS, and a node whose disk is full takes no append or vote.
 * `keep_links_alive`, `elect_soon_when_leader_hangs_up`, `hold_elections_until_led`:
   links between followers, fast elections after a crash, quiet joins.
+
+The journal checksums themselves live in `journal_check`, the port's limits in
+`raft_transport`.
 """
 
 from __future__ import annotations

@@ -15,6 +15,10 @@ from coordinator import wire
 Command = dict[str, Any]
 
 
+REASON_CHARS = 200
+"""The longest reason (an abort's, a quarantine's) the state machine records."""
+
+
 class Rejected(wire.CodedError):
     """A command that fails validation; becomes an error result, never a state change."""
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from coordinator import wire
 from coordinator.core import ledger
-from coordinator.core.checks import Command, Rejected, need
+from coordinator.core.checks import REASON_CHARS, Command, Rejected, need
 from coordinator.core.queries import head, last_round, quorum, training_pending
 from coordinator.core.round_config import validate_round_config
 
@@ -135,7 +135,7 @@ def round_open(state: State, cmd: Command) -> Result:
 def round_abort(state: State, cmd: Command) -> Result:
     term = _fenced(state, cmd)
     r = _open_round(state, cmd)
-    reason = need(cmd, "reason", str)[:200]
+    reason = need(cmd, "reason", str)[:REASON_CHARS]
     charges = ledger.check_charges(state, cmd, r["participants"])
     ledger.spend(state, r["round"], r["attempt"], charges)
     state["history"][r["round"]]["aborted"].append(

@@ -7,7 +7,7 @@ from typing import Any
 
 from coordinator import wire
 from coordinator.core import ledger
-from coordinator.core.checks import Command, Rejected, need, operator_name
+from coordinator.core.checks import REASON_CHARS, Command, Rejected, need, operator_name
 
 State = dict[str, Any]
 Result = dict[str, Any]
@@ -68,9 +68,6 @@ def revoke(state: State, cmd: Command) -> Result:
         raise Rejected("revoked", f"site {site!r} is already revoked")
     rec["revoked"] = True
     return {"site": site}
-
-
-REASON_CHARS = 200
 
 
 def quarantine(state: State, cmd: Command) -> Result:

@@ -15,12 +15,12 @@ from typing import Any, Literal
 
 from coordinator import wire
 from coordinator.core import queries
+from coordinator.core.checks import REASON_CHARS
 from coordinator.core.round_config import RoundConfig
 from privacy.accounting import within_budget
 
 TRAINING_STAGES = ("collect", "masked")
 """Stages that wait for local training, so they get the longer collect timeout."""
-REASON_CHARS = 200
 
 
 @dataclass(frozen=True)
