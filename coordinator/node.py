@@ -22,6 +22,7 @@ from coordinator.cluster.config import NodeConfig
 from coordinator.cluster.disk import MIB, DiskWatch
 from coordinator.cluster.membership import Membership
 from coordinator.cluster.presence import OnlineSites, TaskBell
+from coordinator.cluster.raft_tls import RaftTls
 from coordinator.cluster.replica import Replica
 from coordinator.core import commands
 from coordinator.round.driver import RoundDriver
@@ -55,7 +56,7 @@ class Node:
             config.self_addr.raft, [p.raft for p in config.peers], config.data_dir / "raft",
             config.raft_password, (config.election_min_s, config.election_max_s),
             on_applied=self._on_applied, join=config.join, bind=config.raft_bind,
-            paused=self.disk.full)
+            paused=self.disk.full, tls=RaftTls.from_identity(self.identity, self._node_at))
         self.membership = Membership(self.replica, config, self.identity)
         self.audit_heads = AuditHeadPublisher(self.replica, self.audit.latest_head)
         self.metrics.watch(self._metrics_view())
@@ -133,6 +134,15 @@ class Node:
             signal.signal(sig, lambda *_: done.set())
         done.wait()
         self.stop()
+
+    def _node_at(self, raft: str) -> str | None:
+        """The id of the member at a Raft address (static config until membership is up):
+        the name a peer's Raft certificate must carry."""
+        membership = getattr(self, "membership", None)
+        if membership is not None:
+            found = membership.address(raft)
+            return found.id if found else None
+        return next((n.id for n in self.config.all_nodes if n.raft == raft), None)
 
     def _disk_changed(self, full: bool) -> None:
         """A leader whose disk filled hands leadership to a member that can still write."""

@@ -17,8 +17,9 @@ Here, before anything is decrypted or unpickled:
 * accept failing for lack of descriptors or memory leaves the listener open.
 
 The listener binds only the configured Raft address (`Replica` sets pysyncobj's
-`bindAddress`), not every interface. Node-to-node authentication is still pysyncobj's
-shared password (defence in depth being the firewall): per-node mutual TLS is not built.
+`bindAddress`), not every interface. Nodes authenticate each other by mutual TLS with
+node certificates (`raft_tls`, a transport class); pysyncobj's shared password stays
+underneath as defence in depth.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from typing import Any
 from pysyncobj import SyncObj, SyncObjConf, SyncObjConsumer, replicated
 from pysyncobj.config import FAIL_REASON
 from pysyncobj.syncobj import SyncObjException
+from pysyncobj.transport import TCPTransport
 
 from coordinator import wire
 from coordinator.cluster.journal_check import check_raft_dir
@@ -40,6 +41,7 @@ from coordinator.cluster.raft_patches import (
     reserve_journal_space,
     truncate_only_on_conflict,
 )
+from coordinator.cluster.raft_tls import RaftTls, tls_transport
 from coordinator.cluster.raft_transport import harden_transport
 from coordinator.core import state as sm
 
@@ -104,10 +106,12 @@ class Replica:
         join: bool = False,
         bind: str = "",
         paused: Callable[[], bool] = lambda: False,
+        tls: RaftTls | None = None,
     ) -> None:
         """`bind` is the host:port the Raft port listens on: only `self_addr` unless given
         (pysyncobj alone listens on every interface). While `paused()` (its disk is full)
-        the replica takes no append, casts no vote and stands for no election."""
+        the replica takes no append, casts no vote and stands for no election. With `tls`
+        every Raft connection is mutual TLS between node certificates (`raft_tls`)."""
         data_dir.mkdir(parents=True, exist_ok=True)
         conf = SyncObjConf(
             password=password,
@@ -136,7 +140,8 @@ class Replica:
         self.state = ReplicatedState(on_applied)
         check_raft_dir(data_dir / "raft.journal")  # damage is named, never replayed
         reserve_journal_space()  # a full disk is an error, not SIGBUS
-        self.sync = SyncObj(self_addr, peers, conf, consumers=[self.state])
+        self.sync = SyncObj(self_addr, peers, conf, consumers=[self.state],
+                            transportClass=tls_transport(tls) if tls else TCPTransport)
         make_journal_durable(self.sync)
         truncate_only_on_conflict(self.sync)
         keep_links_alive(self.sync, interval=election[1] / 4)
