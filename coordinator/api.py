@@ -54,6 +54,7 @@ class NodeApi:
     bell: TaskBell
     stopping: threading.Event
     disk_full: Callable[[], str | None] = lambda: None  # why this node takes no writes now
+    audit_damage: Callable[[], str | None] = lambda: None  # why its audit log stopped
 
     def services(self) -> dict[str, dict[str, tuple[Handler, frozenset[str]]]]:
         """Every method of both APIs with the roles that may call it (for `rpc.make_server`)."""
@@ -184,6 +185,7 @@ class NodeApi:
             "nodes": self.membership.nodes(),
             "self": {"id": me.id, "raft": me.raft, "fleet": me.fleet, "admin": me.admin},
             "clients_online": sorted(self.online.online()) if self.replica.is_leader() else None,
+            "audit_damaged": self.audit_damage(),
         }
 
     def admin_sites(self, msg: dict[str, Any], caller: Caller) -> Reply:

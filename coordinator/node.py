@@ -67,7 +67,8 @@ class Node:
                                   paused=self.disk.full)
         self.api = api.NodeApi(config.self_addr, self.replica, self.blobs, self.membership,
                                self.driver, self.online, self.bell, self._stopping,
-                               lambda: self.disk.reason() if self.disk.full() else None)
+                               lambda: self.disk.reason() if self.disk.full() else None,
+                               lambda: self.audit.damage)
         self._servers(config)
 
     def _servers(self, config: NodeConfig) -> None:

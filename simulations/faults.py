@@ -15,7 +15,7 @@ on the Raft port does, then measures:
   for a blob; a refused-connection line for the port; `audit verify --head` failing);
 * recovered_s: from the fault to the damaged node holding the leader's state again (the
   journal kinds run `fedraft node recover` and restart it; blobs heal by themselves; a
-  cut audit tail is detected but not repaired: nothing re-imports it yet).
+  node whose audit tail was cut is restarted and rebuilds its log from its Raft journal).
 
 Journal kinds hit a follower (stopped, damaged, restarted); blob kinds the leader or a
 follower; port kinds the leader. The disk-full kind is not here: it needs the node in a
@@ -303,29 +303,62 @@ def port_trial(t: Trial, attack: Callable[[int], None]) -> dict[str, Any]:
             "recovered_s": 0.0 if t.leader() else None}
 
 
+def _audit_head(t: Trial, out: Path) -> int | None:
+    """Export the cluster's committed signed audit head to `out`; its tree size."""
+    c = t.cluster
+    ok = t.fedraft("cluster", "audit-head", "--out", str(out), "--ca", str(c.operator.ca),
+                   "--cert", str(c.operator.cert), "--key", str(c.operator.key),
+                   "--admin", ",".join(n.admin for n in c.nodes))
+    return json.loads(out.read_text())["audit_head"]["tree_size"] if ok.returncode == 0 else None
+
+
+def _audit_damage(t: Trial, node: str) -> str | None:
+    try:
+        reply = t.cluster.admin.call("Status", endpoint=t.cluster.admin_of(node))
+    except (Unreachable, Refused):
+        return None
+    return reply.get("audit_damaged")
+
+
 def audit_trial(t: Trial, work: Path) -> dict[str, Any]:
+    """Cut a follower's audit tail and its checkpoints while it runs. Detected twice: the
+    node names it (Status `audit_damaged`, within its 2 s check) and `audit verify --head`
+    fails. Recovered: after a restart (the node rebuilds its log from its Raft journal),
+    its log verifies against a head committed after the restart."""
     c = t.cluster
     victim = t.follower()
-    head_file = work / "head.json"
     t0 = time.monotonic()
-    ok = t.fedraft("cluster", "audit-head", "--out", str(head_file), "--ca",
-                   str(c.operator.ca), "--cert", str(c.operator.cert), "--key",
-                   str(c.operator.key), "--admin", ",".join(n.admin for n in c.nodes))
-    if ok.returncode != 0:
+    size = _audit_head(t, work / "head.json")
+    if size is None:
         return {"available": t.acked_after(t0), "served": False, "detected": False,
                 "recovered_s": None}
-    size = json.loads(head_file.read_text())["audit_head"]["tree_size"]
     db = c.audit_db(victim).removeprefix("sqlite:///")
     with sqlite3.connect(db, timeout=10) as conn:
         for table in ("audit_entries", "audit_checkpoints"):
             conn.execute(f"DROP TRIGGER IF EXISTS {table}_no_delete")
         conn.execute("DELETE FROM audit_entries WHERE seq >= ?", (size - 3,))
         conn.execute("DELETE FROM audit_checkpoints")
+    t0 = time.monotonic()
     available = t.acked_after(t0)
     verify = t.fedraft("audit", "verify", "--db", c.audit_db(victim), "--no-charges",
-                       "--head", str(head_file))
-    return {"available": available, "served": False, "detected": verify.returncode == 1,
-            "recovered_s": None}  # the operator re-imports the tail from a peer
+                       "--head", str(work / "head.json"))
+    named = None
+    while named is None and time.monotonic() - t0 < 10:
+        named = _audit_damage(t, victim)
+        time.sleep(0.2)
+    detected = verify.returncode == 1 and named is not None
+    c.node_procs[victim].stop()
+    c.start_node(victim)
+    recovered = None
+    while recovered is None and time.monotonic() - t0 < 90:
+        time.sleep(1.0)
+        if t.caught_up(victim, 5.0) is None or _audit_head(t, work / "after.json") is None:
+            continue
+        if t.fedraft("audit", "verify", "--db", c.audit_db(victim), "--no-charges",
+                     "--head", str(work / "after.json")).returncode == 0:
+            recovered = time.monotonic() - t0
+    return {"available": available, "served": False, "detected": detected,
+            "recovered_s": recovered}
 
 
 FD_LIMIT = 256

@@ -26,6 +26,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    func,
     inspect,
     select,
     text,
@@ -257,6 +258,20 @@ def read_head(engine: Engine, default_signer: AuditSigner | None) -> LogHead:
     return LogHead(acc.size, head_hash, last_raft, key_id, public_key, acc)
 
 
+def tail_problem(engine: Engine, size: int, head_hash: str) -> str | None:
+    """Why the stored log no longer matches the head a writer holds, or None. Two indexed
+    reads: for a writer that keeps appending, rows deleted or rewritten behind its back."""
+    with engine.connect() as conn:
+        count, top = conn.execute(select(func.count(), func.max(_E.seq))).one()
+        last = conn.execute(select(_E.entry_hash).where(_E.seq == size - 1)).scalar()
+    if count != size or (top if top is not None else -1) != size - 1:
+        return (f"it holds {count} entries up to seq {top}, but {size} were written "
+                "(entries were deleted)")
+    if size and last != head_hash:
+        return f"its entry at seq {size - 1} is not the one this node wrote"
+    return None
+
+
 def _key_in_force(
     key_rows: list[Any], default_signer: AuditSigner | None
 ) -> tuple[str | None, bytes | None]:
@@ -286,6 +301,7 @@ __all__ = [
     "metadata",
     "prepare_schema",
     "read_head",
+    "tail_problem",
     "redact_url",
     "upgrade_schema",
 ]

@@ -77,6 +77,7 @@ from coordinator.audit.sql import (
     prepare_schema,
     read_head,
     redact_url,
+    tail_problem,
     upgrade_schema,
 )
 from coordinator.audit.verify import Issue, KeyInForce, VerifyReport, verify_log
@@ -441,6 +442,12 @@ class AuditStore:
         if self._head is None:
             self._head = read_head(self.engine, self._first_signer)
         return self._head
+
+    def damage(self) -> str | None:
+        """Why the stored log no longer extends what this store wrote, or None (cheap)."""
+        with self._lock:
+            head = self._load_head()
+            return tail_problem(self.engine, head.size, head.head_hash)
 
     # --- reading ---------------------------------------------------------------------------
 

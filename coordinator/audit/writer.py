@@ -4,6 +4,14 @@
 every node, keyed by the state machine's apply sequence number (identical on every
 replica), so appends are idempotent when the journal is replayed after a restart.
 The SQL write happens on a writer thread, never on the Raft thread.
+
+Because every entry is a function of a committed command, a node's log can always be
+rebuilt from its Raft journal (compaction is off, so the journal replays every command
+at start). Damage is therefore named and then healed by a restart: a log whose tail was
+cut gets the missing entries again as the journal replays; a log with a hole or a
+rewritten entry (SQLite) is moved aside to `<file>.damaged-<time>` and written anew.
+While a node runs, the writer checks every few seconds that the stored log is still the
+one it wrote, and stops writing (logging `audit_damaged`) when it is not.
 """
 
 from __future__ import annotations
@@ -14,16 +22,63 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from coordinator.audit import AuditSigner, AuditStore
+from coordinator.audit.errors import AuditIntegrityError
 from coordinator.core import commands
 
 log = logging.getLogger(__name__)
+
+CHECK_EVERY_S = 2.0
+"""How often the writer checks that the stored log is still the one it wrote."""
+
+
+class AuditDamaged(AuditIntegrityError):
+    """A damaged log this node cannot set aside by itself (not a SQLite file)."""
+
+
+def _set_aside(url: str, why: str) -> Path:
+    """Move a damaged SQLite log (and its WAL files) aside; returns where it went."""
+    database = make_url(url).database
+    if make_url(url).get_backend_name() != "sqlite" or not database or database == ":memory:":
+        raise AuditDamaged(f"the audit log in {url.split('@')[-1]} is damaged ({why}); restore "
+                           "it from a backup or empty it, and the node rebuilds it from its "
+                           "Raft journal")
+    path = Path(database)
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    for suffix in ("", "-wal", "-shm"):
+        part = Path(f"{path}{suffix}")
+        if part.exists():
+            part.rename(Path(f"{aside}{suffix}"))
+    return aside
+
+
+def open_store(url: str, signer: AuditSigner) -> AuditStore:
+    """This node's audit store, ready to append. A damaged SQLite log is moved aside, named
+    in one log line, and started anew: the Raft journal's replay rebuilds it."""
+    for attempt in (1, 2):
+        store = AuditStore(url, signer=signer)
+        try:
+            store.check_writable()  # never start on a log whose appends would all fail
+            return store
+        except AuditIntegrityError as exc:
+            store.close()
+            if attempt == 2:
+                raise
+            aside = _set_aside(url, str(exc))
+            log.warning("audit log damaged (%s): moved it to %s; rebuilding it from the Raft "
+                        "journal", exc, aside, extra={"event": "audit_rebuilt"})
+        except BaseException:
+            store.close()
+            raise
+    raise AssertionError("unreachable")
 
 
 def config_digest(config: dict[str, Any]) -> str:
@@ -103,12 +158,8 @@ class AuditWriter:
                  on_written: Callable[[str], None] | None = None) -> None:
         """`on_written(kind)` hears of each entry actually appended (metrics), not of
         replays of entries the log already holds."""
-        self.store = AuditStore(url, signer=signer)
-        try:
-            self.store.check_writable()  # never start on a log whose appends would all fail
-        except BaseException:
-            self.store.close()
-            raise
+        self.store = open_store(url, signer)
+        self.damage: str | None = None  # why the stored log stopped being the one written
         self._on_written = on_written
         self._closing = threading.Event()
         self._queue: queue.Queue[tuple[int, str, dict[str, Any]] | None] = queue.Queue()
@@ -130,10 +181,19 @@ class AuditWriter:
         except Exception:
             log.exception("audit log head unreadable")
         written = head.seq if head is not None else -1
+        checked = time.monotonic()
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=CHECK_EVERY_S)
+            except queue.Empty:
+                item = ()
             if item is None:
                 return
+            if time.monotonic() - checked >= CHECK_EVERY_S:
+                checked = time.monotonic()
+                self._check()
+            if not item or self.damage is not None:
+                continue  # a damaged log gets nothing more; the journal replays it all
             seq, kind, payload = item
             entry = self._append(seq, kind, payload)
             if entry is None:
@@ -142,6 +202,22 @@ class AuditWriter:
                 written = entry.seq
                 if self._on_written is not None:
                     self._on_written(kind)
+
+    def _check(self) -> None:
+        if self.damage is not None:
+            return
+        try:
+            damage = self.store.damage()
+        except Exception as exc:  # unreadable now (a restarting server): try again later
+            log.debug("audit log check failed: %s", exc)
+            return
+        if damage is not None:
+            self._damaged(damage)
+
+    def _damaged(self, why: str) -> None:
+        self.damage = why
+        log.error("audit log damaged: %s; this node stopped writing it. Restart the node: it "
+                  "rebuilds the log from its Raft journal", why, extra={"event": "audit_damaged"})
 
     def _append(self, seq: int, kind: str, payload: dict[str, Any]) -> Any:
         """Append one entry; a database that cannot write now (a full disk, a restarting
@@ -159,6 +235,9 @@ class AuditWriter:
                               kind, str(exc).splitlines()[0] if str(exc) else exc)
                 waited += 1
                 self._closing.wait(1.0)
+            except AuditIntegrityError as exc:
+                self._damaged(str(exc))
+                return None
             except Exception:
                 log.exception("audit append failed for command %s (%s)", seq, kind)
                 return None

@@ -26,6 +26,7 @@ def node_start(
 ) -> None:
     """Run one coordinator node until SIGTERM or SIGINT."""
     # imported here: the node (and what it pulls in) loads only when a node is started
+    from coordinator.audit.errors import AuditIntegrityError
     from coordinator.cluster.config import load_node_config
     from coordinator.cluster.journal_check import JournalDamaged
     from coordinator.cluster.logs import setup_logging
@@ -46,6 +47,10 @@ def node_start(
         err.print(f"[red]node {cfg.self_addr.id} will not start: its Raft journal is damaged:[/] "
                   f"{escape(str(exc))}; run `fedraft node recover --config {escape(str(config))}` "
                   "to move it aside and rejoin from the peers")
+        raise typer.Exit(EXIT_DAMAGED) from None
+    except AuditIntegrityError as exc:  # one it could not set aside and rebuild by itself
+        err.print(f"[red]node {cfg.self_addr.id} will not start: its audit log is damaged:[/] "
+                  f"{escape(str(exc))}")
         raise typer.Exit(EXIT_DAMAGED) from None
     except (OSError, ValueError) as exc:  # a key, certificate, database or address it cannot use
         err.print(f"[red]node {cfg.self_addr.id} cannot start:[/] {escape(str(exc))}")

@@ -154,3 +154,102 @@ def test_a_quarantine_is_recorded_once_and_an_audit_head_not_at_all() -> None:
     head = {"tree_size": 3, "root_hash": "b" * 64, "key_id": "0" * 16, "signature": "ab"}
     assert apply(state, commands.audit_head(head))["ok"]
     assert audit_record(commands.audit_head(head), {"ok": True}, state) is None
+
+
+# ---------------------------------------------------------------- damage, and the rebuild
+
+def _journal() -> list[dict[str, Any]]:
+    """Commands as a Raft journal holds them: replaying them rebuilds the same log."""
+    out = [{"op": "enroll", "site": f"site-{i}", "public_key": f"{i:x}" * 64, "epsilon": 3.0,
+            "delta": 1e-5, "request_id": f"e{i}"} for i in range(8)]
+    return out + [{"op": "revoke", "site": f"site-{i}", "request_id": f"r{i}"} for i in range(4)]
+
+
+def _replay(writer: AuditWriter, commands: list[dict[str, Any]]) -> None:
+    state = initial_state()
+    for cmd in commands:
+        writer.record(cmd, apply(state, cmd), state)
+
+
+def _hashes(url: str) -> list[str]:
+    store = open_readonly(url)
+    try:
+        return [e.entry_hash for e in store.entries()]
+    finally:
+        store.close()
+
+
+def _delete(db: Path, where: str) -> None:
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        for table in ("audit_entries", "audit_checkpoints"):
+            conn.execute(f"DROP TRIGGER IF EXISTS {table}_no_delete")
+        conn.execute(f"DELETE FROM audit_entries WHERE {where}")
+        conn.execute("DELETE FROM audit_checkpoints")
+
+
+def _wait_for(cond: Any, timeout: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_tail_cut_under_a_running_writer_is_named_and_healed_by_the_replay(
+        tmp_path: Path, signer: AuditSigner, caplog: pytest.LogCaptureFixture) -> None:
+    db = tmp_path / "audit.db"
+    url, journal = f"sqlite:///{db}", _journal()
+    writer = AuditWriter(url, signer)
+    _replay(writer, journal[:10])
+    _wait_for(lambda: len(writer.store) == 11)
+    whole = _hashes(url)
+    _delete(db, "seq >= 7")  # behind the writer's back, checkpoints too
+    _wait_for(lambda: writer.damage is not None)
+    assert "11 were written (entries were deleted)" in writer.damage
+    assert any(getattr(r, "event", "") == "audit_damaged" for r in caplog.records)
+    _replay(writer, journal[:12])  # what arrives next is not written onto a damaged log
+    writer.close()
+    assert _hashes(url) == whole[:7]
+    # the restart: the shorter log checks out, and the journal's replay writes the rest,
+    # entry for entry what it was (and then the two newer commands)
+    writer = AuditWriter(url, signer)
+    try:
+        assert writer.damage is None
+        _replay(writer, journal)
+        _wait_for(lambda: len(writer.store) == 13)
+    finally:
+        writer.close()
+    assert _hashes(url)[:11] == whole
+
+
+def test_a_log_with_a_hole_is_set_aside_and_rebuilt(tmp_path: Path, signer: AuditSigner,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    db = tmp_path / "audit.db"
+    url, journal = f"sqlite:///{db}", _journal()
+    writer = AuditWriter(url, signer)
+    _replay(writer, journal)
+    _wait_for(lambda: len(writer.store) == 13)
+    writer.close()
+    whole = _hashes(url)
+    _delete(db, "seq = 4")
+    writer = AuditWriter(url, signer)  # a start: the hole is named, the file moved aside
+    try:
+        assert len(writer.store) == 0
+        _replay(writer, journal)
+        _wait_for(lambda: len(writer.store) == 13)
+    finally:
+        writer.close()
+    assert _hashes(url) == whole
+    aside = [p.name for p in tmp_path.iterdir() if p.name.startswith("audit.db.damaged-")]
+    assert aside and any("damaged at seq 4" in r.getMessage() and str(tmp_path) in r.getMessage()
+                         for r in caplog.records)
+
+
+def test_a_damaged_database_it_cannot_move_is_refused(tmp_path: Path) -> None:
+    from coordinator.audit.writer import AuditDamaged, _set_aside
+
+    with pytest.raises(AuditDamaged, match="damaged .gap.; restore it"):
+        _set_aside("postgresql://u@db.example/audit", "gap")
