@@ -18,9 +18,9 @@ on the Raft port does, then measures:
   node whose audit tail was cut is restarted and rebuilds its log from its Raft journal).
 
 Journal kinds hit a follower (stopped, damaged, restarted); blob kinds the leader or a
-follower; port kinds the leader. The disk-full kind is not here: it needs the node in a
-mount namespace of its own, which `tests/coordinator/test_disk_full.py` does for one
-replica. `--json` prints one JSON object as the last line; progress goes to stderr.
+follower; port kinds the leader; the disk-full kind fills n1's own small disk (a tmpfs in
+a mount namespace of its own, so it needs root), leader or not. `--json` prints one JSON
+object as the last line; progress goes to stderr.
 Exit status 0 when every total is 0 and every damaged node recovered.
 """
 
@@ -149,7 +149,21 @@ PORT_FAULTS: dict[str, Callable[[int], None]] = {
 }
 BLOB_FAULTS = ("blob_corrupt_leader", "blob_corrupt_follower")
 AUDIT_FAULTS = ("audit_tail_truncated",)
-ALL_FAULTS = (*JOURNAL_FAULTS, *BLOB_FAULTS, *PORT_FAULTS, *AUDIT_FAULTS)
+DISK_FAULTS = ("disk_full",)
+ALL_FAULTS = (*JOURNAL_FAULTS, *BLOB_FAULTS, *PORT_FAULTS, *AUDIT_FAULTS, *DISK_FAULTS)
+
+DISK_NODE, DISK_MB, DISK_MIN_FREE_MB = "n1", 128, 32
+"""The disk-full kind: n1's data directory is a 128 MiB tmpfs in a mount namespace of its
+own, and n1 takes no work below 32 MiB free (until 64 MiB are free again)."""
+
+
+def _own_disk(data_dir: Path) -> list[str]:
+    """argv prefix: run the node (same pid: every step execs) with `data_dir` on a small
+    tmpfs that only it sees."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    script = (f'mount -t tmpfs -o size={DISK_MB}m fedraft-disk "{data_dir}" && '
+              f'exec env FEDRAFT_LIMITS_MIN_FREE_MB={DISK_MIN_FREE_MB} "$@"')
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
 
 
 # ---------------------------------------------------------------- one cluster per kind
@@ -158,9 +172,11 @@ ALL_FAULTS = (*JOURNAL_FAULTS, *BLOB_FAULTS, *PORT_FAULTS, *AUDIT_FAULTS)
 class Trial:
     """A fault kind's cluster, its writer, and the checks every trial shares."""
 
-    def __init__(self, root: Path, nofile: int | None = None) -> None:
+    def __init__(self, root: Path, nofile: int | None = None, own_disk: bool = False) -> None:
         prefix = {} if nofile is None else {
             f"n{i}": ["prlimit", f"--nofile={nofile}:{nofile}"] for i in (1, 2, 3)}
+        if own_disk:
+            prefix[DISK_NODE] = _own_disk(root / DISK_NODE / "data")
         self.cluster = LocalCluster(root, num_nodes=3, election=(1.0, 2.0), prefix=prefix)
         self.cluster.start_nodes()
         self.cluster.wait_leader(60)
@@ -361,12 +377,52 @@ def audit_trial(t: Trial, work: Path) -> dict[str, Any]:
             "recovered_s": recovered}
 
 
+def disk_trial(t: Trial) -> dict[str, Any]:
+    """Fill n1's own disk (leader or not) to 16 MiB free, then free it again. It must
+    stop taking work (a leader hands leadership over) and name it; the majority keeps
+    committing; once space is back it takes work again and catches up."""
+    c = t.cluster
+    proc = c.node_procs[DISK_NODE].popen
+    assert proc is not None
+    data = Path(f"/proc/{proc.pid}/root") / c.root.relative_to("/") / DISK_NODE / "data"
+    log_path = c.root / DISK_NODE / "node.log"
+    before = log_path.stat().st_size
+    fill = data / "fill"
+    t0 = time.monotonic()
+    with open(fill, "wb") as fh:
+        chunk = b"\0" * (1 << 20)
+        while True:
+            st = os.statvfs(data)
+            if st.f_bavail * st.f_frsize <= (DISK_MIN_FREE_MB // 2) << 20:
+                break
+            fh.write(chunk)
+            fh.flush()
+    available = t.acked_after(t0)
+    time.sleep(max(0.0, t0 + 6.0 - time.monotonic()))
+    served = t.leader() == DISK_NODE  # still leading 6 s after its disk filled
+
+    def said(text: str) -> bool:
+        with open(log_path, "rb") as fh:
+            fh.seek(before)
+            return text in fh.read().decode(errors="replace")
+
+    detected = said("disk full")
+    fill.unlink()
+    deadline = time.monotonic() + 60
+    while not said("disk space is back") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    back = t.caught_up(DISK_NODE, 60.0) if said("disk space is back") else None
+    return {"available": available, "served": served, "detected": detected,
+            "recovered_s": None if back is None else time.monotonic() - t0}
+
+
 FD_LIMIT = 256
 """Descriptors the nodes get in the fd-exhaustion runs (a node uses about 100)."""
 
 
 def run_kind(kind: str, trials: int, work: Path) -> dict[str, Any]:
-    t = Trial(work / kind, nofile=FD_LIMIT if kind == "raft_fd_exhaustion" else None)
+    t = Trial(work / kind, nofile=FD_LIMIT if kind == "raft_fd_exhaustion" else None,
+              own_disk=kind in DISK_FAULTS)
     rows = []
     try:
         time.sleep(3.0)  # a few rounds and writes before the first fault
@@ -377,6 +433,8 @@ def run_kind(kind: str, trials: int, work: Path) -> dict[str, Any]:
                 row = blob_trial(t, kind == "blob_corrupt_leader")
             elif kind in PORT_FAULTS:
                 row = port_trial(t, PORT_FAULTS[kind])
+            elif kind in DISK_FAULTS:
+                row = disk_trial(t)
             else:
                 row = audit_trial(t, work / kind)
             say(f"  {kind} trial {i + 1}: {row}")
