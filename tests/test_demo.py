@@ -17,10 +17,12 @@ def _demo() -> dict:
 @pytest.mark.slow
 def test_demo_json_meets_targets():
     result = _demo()
-    # DP-SGD noise makes the final accuracy a random variable: for the demo's split and
-    # settings it is 0.957 +- 0.007 over noise draws (simulations/bench_privacy.py, 8
-    # draws, lowest 0.947), so one run must clear the target.
-    assert result["final_accuracy"] >= 0.93, result["final_accuracy"]
+    # DP-SGD noise makes the final accuracy a random variable: 12 demo runs on this
+    # machine (stop 21) ended between 0.938 and 0.965 (mean 0.951; 113 test records, so
+    # one record is 0.9 points); one CI run ended at 0.920. The message says which rounds
+    # and participants led there, should it happen again.
+    assert result["final_accuracy"] >= 0.93, [
+        (r["round"], r["attempt"], r["participants"], r["accuracy"]) for r in result["rounds"]]
     assert result["nodes"] == 3 and result["clients"] == 5
     assert result["rounds_completed"] >= 10
     assert result["leader_changes"] >= 1

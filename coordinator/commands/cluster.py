@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from coordinator import durable
@@ -48,7 +49,7 @@ def cluster_status(config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt =
             s = c.call("Status", endpoint=n["admin"])
             nodes.append({"id": n["id"], "state": s["raft"]["state"], "term": s["raft"]["term"],
                           "commit_index": s["raft"]["commit_index"], "reachable": True,
-                          "admin": n["admin"]})
+                          "admin": n["admin"], "audit_damaged": s.get("audit_damaged")})
             if s["raft"]["state"] == "leader":
                 first = s
         except (Unreachable, Refused):
@@ -66,11 +67,13 @@ def cluster_status(config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt =
         emit(out)
         return
     t = Table(title=f"leader {out['leader']}  term {out['term']}  commit {out['commit_index']}")
-    for col in ("node", "state", "term", "commit index", "admin"):
+    for col in ("node", "state", "term", "commit index", "admin", "audit log"):
         t.add_column(col)
     for n in nodes:
+        audit = "-" if not n["reachable"] else (
+            f"[red]damaged: {escape(n['audit_damaged'])}[/]" if n.get("audit_damaged") else "ok")
         t.add_row(n["id"], n.get("state", "[red]unreachable[/]"), str(n.get("term", "-")),
-                  str(n.get("commit_index", "-")), n["admin"] or "-")
+                  str(n.get("commit_index", "-")), n["admin"] or "-", audit)
     console.print(t)
     online = out["clients_online"]
     console.print(f"sites enrolled {out['sites_enrolled']}, online "
