@@ -105,6 +105,25 @@ def run(
     except (SiteConfigError, OSError, ValueError) as exc:
         err.print(f"[red]configuration error:[/] {exc}")
         raise typer.Exit(2) from None
+    from client.store import StateDirBusy, lock_state_dir
+    from coordinator.wire import identity_problem
+
+    problem = identity_problem(cfg.ca, cfg.cert, cfg.key, ("client",))
+    if problem is not None:  # the nodes would refuse it: say why, do not retry forever
+        err.print(f"[red]TLS identity error:[/] {problem}")
+        raise typer.Exit(2)
+    try:
+        lock = lock_state_dir(cfg.state_dir)  # noqa: F841 (held while the agent runs)
+    except StateDirBusy as exc:
+        err.print(f"[red]refusing to start:[/] {exc}")
+        raise typer.Exit(2) from None
+    privacy = cfg.privacy
+    logging.getLogger("client").info(  # what it runs with; file paths only, never their contents
+        "site %s starting: nodes %s, state %s, %s, data %s, device %s, threads %d, DP %s, "
+        "certificate %s", cfg.site_id, ",".join(cfg.nodes), cfg.state_dir,
+        f"flower app {cfg.flower_app}" if cfg.flower_app else f"task {cfg.task}",
+        cfg.data or "default", cfg.device, cfg.threads,
+        f"epsilon {privacy.epsilon} delta {privacy.delta}" if privacy else "off", cfg.cert)
     import torch
 
     # Small models train far faster on one CPU thread than on contended many.

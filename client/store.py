@@ -104,6 +104,33 @@ def _link_new(tmp: Path, path: Path, data: bytes, mode: int | None) -> None:
 # ---------------------------------------------------------------- identity key
 
 
+class StateDirBusy(RuntimeError):
+    """Another agent runs on this state directory."""
+
+
+def lock_state_dir(state_dir: Path) -> Any:
+    """Hold `state_dir/agent.lock` for this process's life (an flock, released by the
+    kernel when the process ends, however it ends). Two agents on one site's state would
+    both train and charge their local DP accountant for runs the ledger charges once."""
+    import fcntl
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fh = open(state_dir / "agent.lock", "a+")  # noqa: SIM115 (held until the process ends)
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise StateDirBusy(f"another agent ({holder}) runs on the state directory {state_dir}; "
+                           "stop it first, or give this one its own [site] state_dir") from exc
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()}")
+    fh.flush()
+    return fh
+
+
 def load_identity_key(path: Path) -> Ed25519PrivateKey:
     """The site's Ed25519 identity key: it signs every request and SecAgg+ advertisement."""
     key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)

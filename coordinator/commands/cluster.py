@@ -38,7 +38,9 @@ cluster_app = typer.Typer(help="Inspect the Raft cluster and change its members.
 @cluster_app.command("status")
 def cluster_status(config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt = None,
                    cert: CertOpt = None, key: KeyOpt = None, as_json: JsonOpt = False) -> None:
-    """Leader, term, commit index, nodes and clients online."""
+    """Leader, term, commit index, nodes and clients online. Exit 0 when every member
+    answered and the leader has a quorum, 1 when a member is down or there is no quorum
+    (the table or JSON says which), 3 when no node answered."""
     c = operator_client(config, admin, ca, cert, key)
     first = run(lambda: c.call("Status"))
     nodes = []
@@ -63,8 +65,13 @@ def cluster_status(config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt =
         "last_round": leader_status["state"]["last_round"],
         "leader_changes": leader_status["state"]["leader_changes"],
     }
+    down = [n["id"] for n in nodes if not n["reachable"]]
+    quorum = bool(leader_status["raft"].get("has_quorum")) and leader_status["leader"] is not None
+    out["healthy"] = not down and quorum
     if as_json:
         emit(out)
+        if not out["healthy"]:
+            raise typer.Exit(EXIT_REFUSED)
         return
     t = Table(title=f"leader {out['leader']}  term {out['term']}  commit {out['commit_index']}")
     for col in ("node", "state", "term", "commit index", "admin", "audit log"):
@@ -78,6 +85,11 @@ def cluster_status(config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt =
     online = out["clients_online"]
     console.print(f"sites enrolled {out['sites_enrolled']}, online "
                   f"{len(online) if online is not None else '?'}: {', '.join(online or [])}")
+    if not out["healthy"]:
+        err.print("[red]degraded:[/] " + "; ".join(
+            ([f"unreachable: {', '.join(down)}"] if down else [])
+            + ([] if quorum else ["the leader has no quorum"])))
+        raise typer.Exit(EXIT_REFUSED)
 
 
 ChangeTimeoutOpt = Annotated[float, typer.Option(

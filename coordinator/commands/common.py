@@ -18,10 +18,15 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from coordinator import wire
 from coordinator.cluster.config import ConfigError
 from coordinator.ops.admin_client import AdminClient, Refused, Unreachable, load_operator_config
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT, EXIT_DAMAGED = 1, 2, 3, 4, 5
+
+ADMIN_ROLES = ("operator", "auditor", "node")
+"""Certificate roles the admin API answers at all (which calls each may make is the node's
+business; `cluster status` works for all three)."""
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)  # an error is one line, however long
@@ -36,12 +41,19 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object")]
 
 def operator_client(config: Path | None, admin: str | None, ca: Path | None, cert: Path | None,
                     key: Path | None) -> AdminClient:
-    """The admin client the connection options describe; exit 2 on a configuration error."""
+    """The admin client the connection options describe; exit 2 on a configuration error,
+    including TLS material the nodes would refuse (named here, not as "unreachable")."""
     try:
-        return AdminClient(load_operator_config(config, admin, ca, cert, key))
+        cfg = load_operator_config(config, admin, ca, cert, key)
     except ConfigError as exc:
         err.print(f"[red]configuration error:[/] {exc}")
         raise typer.Exit(EXIT_USAGE) from None
+    problem = wire.identity_problem(cfg.identity.ca, cfg.identity.cert, cfg.identity.key,
+                                    ADMIN_ROLES)
+    if problem is not None:
+        err.print(f"[red]TLS identity error:[/] {problem}")
+        raise typer.Exit(EXIT_USAGE)
+    return AdminClient(cfg)
 
 
 def run(fn: Callable[[], Any]) -> Any:

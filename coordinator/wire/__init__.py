@@ -28,6 +28,7 @@ from coordinator.wire.codec import (
     unpack,
     verify_signature,
 )
+from coordinator.wire.identity import identity_problem
 from coordinator.wire.schema import (
     ADMIN_METHODS,
     ADMIN_SERVICE,
@@ -69,6 +70,7 @@ from coordinator.wire.schema import (
 )
 
 __all__ = [
+    "identity_problem",
     "ADMIN_METHODS",
     "ADMIN_SERVICE",
     "BUNDLE_FIELDS",
