@@ -201,6 +201,7 @@ class NodeApi:
         view = self.replica.state.read(lambda s: {
             "last_round": last_round(s),
             "target_round": s["training"]["target_round"],
+            "stopped": s["training"].get("stopped"),
             "config": s["training"]["config"],
             "open": s["round"],
             "versions": [{k: v[k] for k in ("round", "hash", "parent", "size")}
@@ -263,7 +264,10 @@ class NodeApi:
                                            request_id=msg.get("request_id")))
 
     def admin_stop(self, msg: dict[str, Any], caller: Caller) -> Reply:
-        return self._submit(commands.stop(request_id=msg.get("request_id")))
+        reason = msg.get("reason")
+        return self._submit(commands.stop(reason=reason if isinstance(reason, str) else None,
+                                          operator=caller.name,
+                                          request_id=msg.get("request_id")))
 
     # ------------------------------------------------------------ admin API: membership
 

@@ -137,6 +137,10 @@ def audit_record(command: dict[str, Any], result: dict[str, Any],
             "participants": c["participants"], "survivors": c["survivors"],
             "metrics": c["metrics"], "charges": c.get("charges", {}),
         }
+    if op == commands.STOP:
+        payload = {"target_round": result["target_round"], "reason": result["reason"]}
+        payload.update({k: result[k] for k in ("operator", "node") if k in result})
+        return "training_stopped", payload
     if op == commands.LATE_CHARGE:
         return "charge_recorded", {"round": result["round"], "attempt": result["attempt"],
                                    "term": result["term"], "site": result["site"],

@@ -7,11 +7,13 @@ import tomllib
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from coordinator.cluster.config import ConfigError
 from coordinator.commands.common import (
+    EXIT_REFUSED,
     EXIT_TIMEOUT,
     EXIT_USAGE,
     AdminOpt,
@@ -81,7 +83,8 @@ def follow_rounds(c: AdminClient, target: int, timeout: float, show: bool) -> di
                 desc = (f"round {p['round']}.{p['attempt']} {p['stage']}: "
                         f"{len(p['submitted'])}/{len(p['participants'])} updates")
             progress.update(bar, completed=st["last_round"] - start_round, description=desc)
-            if st["last_round"] >= target or time.monotonic() > deadline:
+            stopped = st["target_round"] < target and st["last_round"] >= st["target_round"]
+            if st["last_round"] >= target or stopped or time.monotonic() > deadline:
                 break
             time.sleep(0.3)
     return st
@@ -121,12 +124,18 @@ def round_start(
         emit(r) if as_json else console.print(f"training until round {target}")
         return
     st = follow_rounds(c, target, timeout, show=not as_json)
+    stopped = st.get("stopped") if st["target_round"] < target else None
     summary = {"target_round": target, "last_round": st["last_round"],
-               "versions": [v["hash"] for v in st["versions"]]}
+               "versions": [v["hash"] for v in st["versions"]], "stopped": stopped}
     if as_json:
         emit(summary)
     else:
         _print_history(st)
+    if stopped is not None:
+        who = stopped.get("operator") or stopped.get("node") or "?"
+        err.print(f"[red]the run stopped at round {st['last_round']} of {target}[/] "
+                  f"(by {escape(who)}): {escape(stopped['reason'])}")
+        raise typer.Exit(EXIT_REFUSED)
     if st["last_round"] < target:
         raise typer.Exit(EXIT_TIMEOUT)
 
@@ -149,6 +158,22 @@ def _print_history(st: dict[str, Any], last: int = 20) -> None:
     console.print(t)
 
 
+@round_app.command("stop")
+def round_stop(
+    reason: Annotated[str | None, typer.Option(help="why, for the audit log")] = None,
+    config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt = None, cert: CertOpt = None,
+    key: KeyOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Stop the run: the round now open finishes (or is aborted by its own rules), no
+    further round starts. Recorded in the audit log with your certificate's name."""
+    c = operator_client(config, admin, ca, cert, key)
+    r = run(lambda: c.call("Stop", {"reason": reason} if reason else {}))
+    if as_json:
+        emit(r)
+    else:
+        console.print(f"stopped: training ends at round {r['target_round']}")
+
+
 @round_app.command("status")
 def round_status(config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt = None,
                  cert: CertOpt = None, key: KeyOpt = None, as_json: JsonOpt = False) -> None:
@@ -164,3 +189,7 @@ def round_status(config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt = N
     console.print(f"last round {st['last_round']}, target {st['target_round']}" + (
         f"; round {p['round']}.{p['attempt']} {p['stage']} "
         f"{len(p['submitted'])}/{len(p['participants'])} updates" if p else ""))
+    stopped = st.get("stopped")
+    if stopped and st["last_round"] >= st["target_round"]:
+        who = stopped.get("operator") or stopped.get("node") or "?"
+        console.print(f"stopped by {escape(who)}: {escape(stopped['reason'])}")

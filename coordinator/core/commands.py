@@ -80,8 +80,15 @@ def train(rounds: Any, config: Any, *, request_id: Any = None) -> Command:
     return _with_id({"op": TRAIN, "rounds": rounds, "config": config}, request_id)
 
 
-def stop(*, request_id: Any = None) -> Command:
-    return _with_id({"op": STOP}, request_id)
+def stop(*, reason: str | None = None, operator: str | None = None, node: str | None = None,
+         request_id: Any = None) -> Command:
+    """End the run after the round now open: an operator's decision (`operator`), or the
+    leader's (`node`) when a round keeps failing; `reason` goes to the audit log."""
+    cmd: Command = {"op": STOP}
+    for key, value in (("reason", reason), ("operator", operator), ("node", node)):
+        if value is not None:
+            cmd[key] = value
+    return _with_id(cmd, request_id)
 
 
 def round_open(term: int, rnd: int, attempt: int, base: str, participants: list[str],

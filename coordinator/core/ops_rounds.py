@@ -12,8 +12,8 @@ from typing import Any
 
 from coordinator import wire
 from coordinator.core import ledger
-from coordinator.core.checks import REASON_CHARS, Command, Rejected, need
-from coordinator.core.queries import head, last_round, quorum, training_pending
+from coordinator.core.checks import REASON_CHARS, Command, Rejected, need, operator_name
+from coordinator.core.queries import eligible_sites, head, last_round, quorum, training_pending
 from coordinator.core.round_config import validate_round_config
 
 State = dict[str, Any]
@@ -63,18 +63,35 @@ def train(state: State, cmd: Command) -> Result:
     if not state["versions"]:
         raise Rejected("no_model", "upload a genesis model first (fedraft model init)")
     config = validate_round_config(cmd.get("config", {}), state["training"]["config"])
+    eligible = len(eligible_sites(state))
+    if config["min_clients"] > eligible:  # no round of this run could ever commit
+        raise Rejected("unsatisfiable", f"min_clients is {config['min_clients']} but only "
+                       f"{eligible} sites can take part (enrolled, not revoked or "
+                       "quarantined); enroll more sites or lower min_clients")
     base = max(state["training"]["target_round"], last_round(state))
     if state["round"] is not None:
         base = max(base, state["round"]["round"])
+    # attempts already spent on the first round (by an earlier run) do not count
+    # against this run's max_attempts
     state["training"] = {"target_round": base + rounds, "config": config,
-                         "first_round": base + 1}
+                         "first_round": base + 1,
+                         "attempt_base": state["attempts"].get(base + 1, 0)}
     return {"target_round": base + rounds}
 
 
 def stop(state: State, cmd: Command) -> Result:
+    reason = cmd.get("reason")
+    if reason is not None and not isinstance(reason, str):
+        raise Rejected("malformed", "reason must be a string")
+    operator, node = operator_name(cmd), cmd.get("node")
+    if node is not None and not isinstance(node, str):
+        raise Rejected("malformed", "node must be a node id")
     current = state["round"]["round"] if state["round"] else last_round(state)
     state["training"]["target_round"] = max(last_round(state), current)
-    return {"target_round": state["training"]["target_round"]}
+    stopped = {"reason": (reason or "stopped")[:REASON_CHARS],
+               **({"operator": operator} if operator else {}), **({"node": node} if node else {})}
+    state["training"]["stopped"] = stopped
+    return {"target_round": state["training"]["target_round"], **stopped}
 
 
 def _open_round(state: State, cmd: Command) -> dict[str, Any]:

@@ -36,6 +36,7 @@ DEFAULT_ROUND_CONFIG: dict[str, Any] = {
     "lr_final": 1.0,  # local lr decays linearly to lr * lr_final over the run (1: constant)
     "max_examples": 10000.0,  # example weight cap (weights are encoded in (0, 1])
     "threshold": 0,  # SecAgg+ threshold; 0 picks degree // 2 + 1
+    "max_attempts": 20,  # failed attempts of one round before the run stops (0: never)
 }
 
 
@@ -62,6 +63,7 @@ class RoundConfig:
     lr_final: float
     max_examples: float
     threshold: int
+    max_attempts: int
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> RoundConfig:

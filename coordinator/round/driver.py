@@ -66,6 +66,9 @@ class RoundDriver:
         self._wake = threading.Event()
         self._planning: dict[str, Any] | None = None
         self.search: Search | None = None  # for the site behind an invalid secure sum
+        # consecutive times the next round could not even be sampled, and why (the run
+        # stops after max_attempts of them, as after that many failed attempts)
+        self._unsampled: tuple[int, int, str] = (0, 0, "")
 
     def stop(self) -> None:
         self.charges.close()
@@ -185,6 +188,15 @@ class RoundDriver:
         if not view.pending:
             self._idle(0.2)
             return
+        rnd = view.last_round + 1
+        reason = policy.give_up(view) or policy.cannot_sample(
+            self._unsampled, rnd, view.config.max_attempts)
+        if reason is not None:
+            self._unsampled = (0, 0, "")
+            r = self._submit(commands.stop(reason=reason, node=self.node_id))
+            log.error("training stopped: %s (%s)", reason, "recorded" if r["ok"] else r["error"],
+                      extra={"event": "training_stopped"})
+            return
         self._run_round(term, view)
 
     def _claim(self) -> int | None:
@@ -228,7 +240,7 @@ class RoundDriver:
         records = self.replica.state.read(lambda s: {x: s["sites"][x] for x in view.eligible})
         eligible = self.charges.affordable(records)
         if not eligible:
-            log.warning("no enrolled site has privacy budget left for another round")
+            self._not_sampled(view, "no enrolled site has privacy budget left for another round")
             time.sleep(1.0)
             return None
         want = policy.sample_size(config, len(eligible))
@@ -247,9 +259,18 @@ class RoundDriver:
                 tested = search.sample(online, want, config.min_clients, rng) if search else None
                 return tested or policy.choose(online, want, rng)
             if decision == "give_up":
-                log.warning("only %d of %d sites online; waiting", len(online), want)
+                self._not_sampled(view, f"only {len(online)} of the {want} sites to sample were "
+                                        f"online within {config.online_wait_s:g} s "
+                                        f"(min_clients {config.min_clients})")
                 return None
             self.bell.wait(0.1)
+
+    def _not_sampled(self, view: LeaderView, why: str) -> None:
+        rnd = view.last_round + 1
+        count = self._unsampled[1] + 1 if self._unsampled[0] == rnd else 1
+        self._unsampled = (rnd, count, why)
+        log.warning("round %s not started (%d in a row): %s", rnd, count, why,
+                    extra={"event": "round_not_sampled", "round": rnd})
 
     # ------------------------------------------------------------ one attempt
 

@@ -38,10 +38,13 @@ class LeaderView:
     parent: str | None
     genesis: str | None
     keys: dict[str, str]
+    attempt_base: int = 0  # attempts of the run's first round made before the run
+    last_abort: str | None = None  # why the latest attempt of the next round was aborted
 
     @classmethod
     def of(cls, s: Mapping[str, Any]) -> LeaderView:
         versions = s["versions"]
+        aborted = (s["history"].get(queries.last_round(s) + 1) or {}).get("aborted") or []
         return cls(
             open_round=s["round"], pending=queries.training_pending(s),
             last_round=queries.last_round(s), attempts=dict(s["attempts"]),
@@ -51,6 +54,8 @@ class LeaderView:
             parent=versions[-1]["parent"] if versions else None,
             genesis=versions[0]["hash"] if versions else None,
             keys={k: v["public_key"] for k, v in s["sites"].items()},
+            attempt_base=s["training"].get("attempt_base", 0),
+            last_abort=aborted[-1]["reason"] if aborted else None,
         )
 
 
@@ -64,6 +69,27 @@ def next_attempt(view: LeaderView) -> tuple[int, int]:
     """The round and attempt number the next `round_open` must name."""
     rnd = view.last_round + 1
     return rnd, view.attempts.get(rnd, 0) + 1
+
+
+def give_up(view: LeaderView) -> str | None:
+    """Why the run must stop now, or None: its next round has failed `max_attempts`
+    attempts in a row (a round the cluster cannot satisfy is not retried forever)."""
+    limit = view.config.max_attempts
+    rnd, attempt = next_attempt(view)
+    failed = attempt - 1 - (view.attempt_base if rnd == view.run[0] else 0)
+    if not limit or failed < limit:
+        return None
+    return (f"round {rnd} failed {failed} attempts in a row (max_attempts {limit}); the "
+            f"last: {view.last_abort or 'unknown'}")[:REASON_CHARS]
+
+
+def cannot_sample(unsampled: tuple[int, int, str], rnd: int, limit: int) -> str | None:
+    """Why the run must stop, or None: round `rnd` could not even be sampled `limit` times
+    in a row (`unsampled` is (round, times, the last reason))."""
+    seen, times, why = unsampled
+    if not limit or seen != rnd or times < limit:
+        return None
+    return f"round {rnd} could not start {times} times in a row; the last: {why}"[:REASON_CHARS]
 
 
 def sample_size(config: RoundConfig, eligible: int) -> int:

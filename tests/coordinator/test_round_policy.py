@@ -25,7 +25,8 @@ def test_leader_view_reads_the_next_attempt_and_the_run() -> None:
     assert apply(s, {"op": "revoke", "site": "b"})["ok"]
     assert apply(s, {"op": "genesis", "version": "0" * 64, "size": 1, "holders": ["n1"],
                      "cluster_size": 1})["ok"]
-    assert apply(s, {"op": "train", "rounds": 3, "config": {"lr": 0.2}})["ok"]
+    assert apply(s, {"op": "train", "rounds": 3, "config": {
+        "lr": 0.2, "min_clients": 1, "secure_aggregation": False}})["ok"]
     view = policy.LeaderView.of(s)
     assert view.pending and view.last_round == 0 and view.run == (1, 3)
     assert view.eligible == ["a"] and view.genesis == view.head == "0" * 64
@@ -38,6 +39,55 @@ def test_leader_view_reads_the_next_attempt_and_the_run() -> None:
     assert apply(s, {"op": "round_abort", "term": 2, "round": 1, "attempt": 1,
                      "reason": "x"})["ok"]
     assert policy.next_attempt(policy.LeaderView.of(s)) == (1, 2)
+
+
+def _failing(s: dict, attempts: int, term: int = 2) -> None:
+    first = s["attempts"].get(1, 0) + 1
+    for a in range(first, first + attempts):
+        assert apply(s, {"op": "round_open", "term": term, "round": 1, "attempt": a,
+                         "base": "0" * 64, "participants": ["a"], "seed": "00"})["ok"]
+        assert apply(s, {"op": "round_abort", "term": term, "round": 1, "attempt": a,
+                         "reason": f"too_few_updates (0/1) #{a}"})["ok"]
+
+
+def test_a_run_stops_after_max_attempts_failed_in_a_row_and_says_why() -> None:
+    s = initial_state()
+    assert apply(s, {"op": "enroll", "site": "a", "public_key": "a" * 64})["ok"]
+    assert apply(s, {"op": "genesis", "version": "0" * 64, "size": 1, "holders": ["n1"],
+                     "cluster_size": 1})["ok"]
+    refused = apply(s, {"op": "train", "rounds": 2, "config": {"min_clients": 2}})
+    assert refused["code"] == "unsatisfiable" and "only 1 sites can take part" in refused["error"]
+    assert apply(s, {"op": "claim", "term": 2, "node": "n1"})["ok"]
+    config = {"min_clients": 1, "secure_aggregation": False, "max_attempts": 3}
+    assert apply(s, {"op": "train", "rounds": 2, "config": config})["ok"]
+    _failing(s, 2)
+    assert policy.give_up(policy.LeaderView.of(s)) is None
+    _failing(s, 1)
+    reason = policy.give_up(policy.LeaderView.of(s))
+    assert reason == ("round 1 failed 3 attempts in a row (max_attempts 3); the last: "
+                      "too_few_updates (0/1) #3")
+    stopped = apply(s, {"op": "stop", "reason": reason, "node": "n1"})
+    assert stopped["ok"] and stopped["node"] == "n1" and stopped["target_round"] == 0
+    assert not policy.LeaderView.of(s).pending
+    # a new run starts counting afresh, though round 1 already has 3 failed attempts
+    assert apply(s, {"op": "train", "rounds": 1, "config": config})["ok"]
+    assert "stopped" not in s["training"]
+    assert policy.give_up(policy.LeaderView.of(s)) is None
+    _failing(s, 3)
+    assert policy.give_up(policy.LeaderView.of(s)) is not None
+    # 0: retry for ever, as before
+    assert apply(s, {"op": "train", "rounds": 1, "config": {"max_attempts": 0}})["ok"]
+    _failing(s, 30)
+    assert policy.give_up(policy.LeaderView.of(s)) is None
+
+
+def test_a_round_that_cannot_even_be_sampled_stops_the_run_too() -> None:
+    assert policy.cannot_sample((0, 0, ""), 1, 3) is None
+    assert policy.cannot_sample((1, 2, "only 1 of 3 online"), 1, 3) is None
+    assert policy.cannot_sample((1, 3, "only 1 of 3 online"), 2, 3) is None  # another round
+    assert policy.cannot_sample((1, 3, "only 1 of 3 online"), 1, 0) is None  # never
+    assert policy.cannot_sample((1, 3, "only 1 of 3 online"), 1, 3) == (
+        "round 1 could not start 3 times in a row; the last: only 1 of 3 online")
 
 
 @given(st.integers(0, 50), st.integers(1, 20), st.integers(1, 20), st.booleans())
