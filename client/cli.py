@@ -6,6 +6,7 @@ configuration.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -91,6 +92,8 @@ def run(
                                          help="site TOML")],
     max_rounds: Annotated[int | None, typer.Option(help="exit after this many rounds")] = None,
     log_level: Annotated[str, typer.Option()] = "info",
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="one JSON object per round attempt on stdout (logs stay on stderr)")] = False,
 ) -> None:
     """Join the federation and serve round tasks until stopped."""
     from client.agent import Agent
@@ -133,8 +136,12 @@ def run(
     except (SiteConfigError, ValueError) as exc:
         err.print(f"[red]configuration error:[/] {exc}")
         raise typer.Exit(2) from None
+
+    def report(outcome: Any) -> None:
+        print(json.dumps({"site": cfg.site_id, **dataclasses.asdict(outcome)}), flush=True)
+
     agent = Agent(cfg.site_id, list(cfg.nodes), tls, key, trainer, cfg.state_dir,
-                  poll_wait_s=cfg.poll_wait_s)
+                  poll_wait_s=cfg.poll_wait_s, on_round=report if as_json else None)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.stopped.set())
     try:
@@ -145,7 +152,9 @@ def run(
 
 
 @app.command()
-def keygen(out: Annotated[Path, typer.Option("--out", "-o", help="private key file (PEM)")]) -> None:
+def keygen(out: Annotated[Path, typer.Option("--out", "-o", help="private key file (PEM)")],
+           as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+           ) -> None:
     """Create the site's Ed25519 identity key; prints the public key to enroll."""
     from client.store import write_identity_key
     from coordinator.wire import public_key_hex
@@ -155,7 +164,13 @@ def keygen(out: Annotated[Path, typer.Option("--out", "-o", help="private key fi
     except FileExistsError:
         err.print(f"[red]{out} exists; refusing to overwrite an identity key[/]")
         raise typer.Exit(2) from None
-    print(public_key_hex(key))
+    except OSError as exc:
+        err.print(f"[red]cannot write {out}: {exc.strerror or exc}[/]")
+        raise typer.Exit(2) from None
+    if as_json:
+        print(json.dumps({"public_key": public_key_hex(key), "identity_key": str(out)}))
+    else:
+        print(public_key_hex(key))
 
 
 @app.command("import")
@@ -209,6 +224,7 @@ def init_model(
     flower_app: Annotated[str | None, typer.Option(
         help="module:attribute of a Flower ClientApp answering the initial_parameters query")] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Write fresh version-0 weights (a built-in task's, or a Flower app's) as safetensors."""
     from coordinator.wire import encode_model, sha256_hex
@@ -228,8 +244,15 @@ def init_model(
             raise typer.Exit(2)
         params = get_parameters(build_model(task, seed))
     data = encode_model(params)
-    out.write_bytes(data)
-    print(sha256_hex(data))
+    try:
+        out.write_bytes(data)
+    except OSError as exc:
+        err.print(f"[red]cannot write {out}: {exc.strerror or exc}[/]")
+        raise typer.Exit(2) from None
+    if as_json:
+        print(json.dumps({"hash": sha256_hex(data), "out": str(out), "bytes": len(data)}))
+    else:
+        print(sha256_hex(data))
 
 
 @app.command()

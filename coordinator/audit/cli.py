@@ -440,8 +440,11 @@ def report_cmd(
     key: KeyOpt = None,
     db: DbOpt = None,
     bundle: BundleOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Self-contained HTML report: verification, rounds, accuracy and epsilon charts."""
+    """Self-contained HTML report: verification, rounds, accuracy and epsilon charts.
+    Exit 1 when the log fails verification (the report says so too), 3 when it verifies
+    but nothing pinned its signer (no --key)."""
     options: dict[str, Any] = {}
     try:
         if key:
@@ -458,8 +461,18 @@ def report_cmd(
         output.write_text(document, encoding="utf-8")
     except OSError as exc:
         _fail(EXIT_USAGE, f"cannot write {output}: {exc}")
-    status = "[green]verifies[/]" if report.ok else "[red]FAILS verification[/]"
-    _out().print(f"wrote {escape(str(output))} ({len(document) // 1024} KiB); the log {status}")
+    if as_json:
+        _emit_json({"output": str(output), "bytes": len(document), "verified": report.ok,
+                    "signer_pinned": report.genesis_pinned, "first_bad_seq": report.first_bad_seq,
+                    "reason": report.reason})
+    else:
+        status = "[green]verifies[/]" if report.ok else "[red]FAILS verification[/]"
+        _out().print(f"wrote {escape(str(output))} ({len(document) // 1024} KiB); the log "
+                     f"{status}")
+    if not report.ok:
+        raise typer.Exit(EXIT_BAD)
+    if not report.genesis_pinned:
+        raise typer.Exit(EXIT_UNPINNED)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,7 +22,8 @@ def node_start(
     config: ConfigArg,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
     json_logs: Annotated[bool, typer.Option(
-        "--json-logs", help="one JSON object per log line (or [log] json = true)")] = False,
+        "--json-logs", "--json",
+        help="one JSON object per log line (or [log] json = true)")] = False,
 ) -> None:
     """Run one coordinator node until SIGTERM or SIGINT."""
     # imported here: the node (and what it pulls in) loads only when a node is started

@@ -190,6 +190,28 @@ def test_report_html(logged: tuple[str, Built], signer: AuditSigner, tmp_path: P
     assert "accuracy by round" in doc and "cumulative epsilon by site" in doc
     assert "log verifies" in doc and "site-05" in doc
     assert "http" not in doc.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    meta = run("report", "--db", url, "-o", str(target), "--key", signer.public_key_hex,
+               "--json")
+    assert meta.exit_code == 0 and json.loads(meta.stdout)["verified"] is True
+
+
+def test_report_exits_1_on_a_log_that_fails(logged: tuple[str, Built], signer: AuditSigner,
+                                            tmp_path: Path) -> None:
+    import sqlite3
+
+    url, _ = logged
+    db = url.removeprefix("sqlite:///")
+    with sqlite3.connect(db) as conn:  # forge a payload behind the store's back
+        conn.execute("DROP TRIGGER IF EXISTS audit_entries_no_update")
+        conn.execute("UPDATE audit_entries SET payload = replace(payload, 'site-05', 'site-99') "
+                     "WHERE seq = (SELECT max(seq) FROM audit_entries WHERE payload LIKE "
+                     "'%site-05%')")
+    result = run("report", "--db", url, "-o", str(tmp_path / "bad.html"), "--key",
+                 signer.public_key_hex, "--json")
+    assert result.exit_code == 1, result.output
+    assert json.loads(result.stdout)["verified"] is False
+    assert "FAILS verification" in (tmp_path / "bad.html").read_text() or \
+        "fails" in (tmp_path / "bad.html").read_text().lower()
 
 
 def test_cli_on_both_databases(backend: Backend, signer: AuditSigner, tmp_path: Path) -> None:
@@ -203,7 +225,10 @@ def test_cli_on_both_databases(backend: Backend, signer: AuditSigner, tmp_path: 
     assert run("export", "--db", backend.cli_url, "-o", str(out)).exit_code == 0
     assert run("verify", "--bundle", str(out), "--key", signer.public_key_hex,
                "--no-charges").exit_code == 0
-    assert run("report", "--db", backend.cli_url, "-o", str(tmp_path / "r.html")).exit_code == 0
+    # without --key the report is written but says nothing pinned the signer: exit 3
+    assert run("report", "--db", backend.cli_url, "-o", str(tmp_path / "r.html")).exit_code == 3
+    assert run("report", "--db", backend.cli_url, "-o", str(tmp_path / "r.html"), "--key",
+               signer.public_key_hex).exit_code == 0
 
 
 def test_accountant_mismatch_fails(logged: tuple[str, Built]) -> None:
