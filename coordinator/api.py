@@ -228,7 +228,8 @@ class NodeApi:
             return wire.error("malformed", "public_key must be a 32-byte Ed25519 key in hex")
         budget = {k: msg[k] for k in ("epsilon", "delta") if k in msg}
         return self._submit(commands.enroll(msg.get("site"), key.lower(),  # type: ignore[union-attr]
-                                            budget=budget, request_id=msg.get("request_id")))
+                                            budget=budget, operator=caller.name,
+                                            request_id=msg.get("request_id")))
 
     def admin_set_budget(self, msg: dict[str, Any], caller: Caller) -> Reply:
         """Change a site's privacy budget; the state machine checks it against the spend.
@@ -240,7 +241,8 @@ class NodeApi:
             request_id=msg.get("request_id")))
 
     def admin_revoke(self, msg: dict[str, Any], caller: Caller) -> Reply:
-        return self._submit(commands.revoke(msg.get("site"), request_id=msg.get("request_id")))
+        return self._submit(commands.revoke(msg.get("site"), operator=caller.name,
+                                            request_id=msg.get("request_id")))
 
     def admin_init_model(self, msg: dict[str, Any], caller: Caller) -> Reply:
         data = msg.get("data")
@@ -261,6 +263,7 @@ class NodeApi:
 
     def admin_train(self, msg: dict[str, Any], caller: Caller) -> Reply:
         return self._submit(commands.train(msg.get("rounds"), msg.get("config", {}),
+                                           operator=caller.name,
                                            request_id=msg.get("request_id")))
 
     def admin_stop(self, msg: dict[str, Any], caller: Caller) -> Reply:

@@ -93,6 +93,15 @@ def audit_record(command: dict[str, Any], result: dict[str, Any],
     """
     if not result.get("ok") or result.get("replayed"):
         return None
+    record = _record(command, result, state)
+    operator = command.get("operator")
+    if record is not None and isinstance(operator, str) and "operator" not in record[1]:
+        record[1]["operator"] = operator  # who asked, from their certificate's name
+    return record
+
+
+def _record(command: dict[str, Any], result: dict[str, Any],
+            state: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
     op = command.get("op")
     if op == commands.ENROLL:
         site = state["sites"][command["site"]]
@@ -116,9 +125,11 @@ def audit_record(command: dict[str, Any], result: dict[str, Any],
     if op == commands.CLAIM and result.get("new"):
         return "leader_claimed", {"term": command["term"], "node": command["node"]}
     if op == commands.TRAIN:
+        config = state["training"]["config"]  # in full: secure aggregation on or off, etc.
         return "training_requested", {"rounds": command["rounds"],
                                       "target_round": result["target_round"],
-                                      "config_digest": config_digest(state["training"]["config"])}
+                                      "config_digest": config_digest(config),
+                                      "config": dict(config)}
     if op == commands.ROUND_OPEN:
         r = state["round"]
         return "round_opened", {"round": r["round"], "attempt": r["attempt"], "term": r["term"],

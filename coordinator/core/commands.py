@@ -51,9 +51,12 @@ def claim(term: int, node: str) -> Command:
 
 
 def enroll(site: Any, public_key: Any, *, budget: Mapping[str, Any] | None = None,
-           request_id: Any = None) -> Command:
-    """`budget` holds the `epsilon` and `delta` the request gave (absent: the defaults)."""
+           operator: str | None = None, request_id: Any = None) -> Command:
+    """`budget` holds the `epsilon` and `delta` the request gave (absent: the defaults);
+    `operator` (who asked) goes to the audit log."""
     command: Command = {"op": ENROLL, "site": site, "public_key": public_key}
+    if operator is not None:
+        command["operator"] = operator
     command.update({k: v for k, v in (budget or {}).items() if k in ("epsilon", "delta")})
     return _with_id(command, request_id)
 
@@ -66,8 +69,11 @@ def set_budget(site: Any, epsilon: Any, *, delta: Any = None, operator: str | No
     return _with_id(command, request_id)
 
 
-def revoke(site: Any, *, request_id: Any = None) -> Command:
-    return _with_id({"op": REVOKE, "site": site}, request_id)
+def revoke(site: Any, *, operator: str | None = None, request_id: Any = None) -> Command:
+    command: Command = {"op": REVOKE, "site": site}
+    if operator is not None:
+        command["operator"] = operator
+    return _with_id(command, request_id)
 
 
 def genesis(version: str, size: int, holders: list[str], cluster_size: int, *,
@@ -76,8 +82,12 @@ def genesis(version: str, size: int, holders: list[str], cluster_size: int, *,
                      "cluster_size": cluster_size}, request_id)
 
 
-def train(rounds: Any, config: Any, *, request_id: Any = None) -> Command:
-    return _with_id({"op": TRAIN, "rounds": rounds, "config": config}, request_id)
+def train(rounds: Any, config: Any, *, operator: str | None = None,
+          request_id: Any = None) -> Command:
+    command: Command = {"op": TRAIN, "rounds": rounds, "config": config}
+    if operator is not None:
+        command["operator"] = operator
+    return _with_id(command, request_id)
 
 
 def stop(*, reason: str | None = None, operator: str | None = None, node: str | None = None,

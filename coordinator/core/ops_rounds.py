@@ -57,6 +57,7 @@ def genesis(state: State, cmd: Command) -> Result:
 
 
 def train(state: State, cmd: Command) -> Result:
+    operator_name(cmd)
     rounds = need(cmd, "rounds", int)
     if not 1 <= rounds <= 100_000:
         raise Rejected("malformed", "rounds must be between 1 and 100000")

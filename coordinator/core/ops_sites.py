@@ -14,6 +14,7 @@ Result = dict[str, Any]
 
 
 def enroll(state: State, cmd: Command) -> Result:
+    operator_name(cmd)  # who asked (for the audit log): a short name, if given
     site = wire.site_id(cmd.get("site"))
     key = wire.hex64(cmd.get("public_key"), "public_key")
     if site in state["sites"]:
@@ -63,6 +64,7 @@ def set_budget(state: State, cmd: Command) -> Result:
 
 
 def revoke(state: State, cmd: Command) -> Result:
+    operator_name(cmd)
     site, rec = _enrolled(state, cmd)
     if rec["revoked"]:
         raise Rejected("revoked", f"site {site!r} is already revoked")

@@ -253,3 +253,27 @@ def test_a_damaged_database_it_cannot_move_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(AuditDamaged, match="damaged .gap.; restore it"):
         _set_aside("postgresql://u@db.example/audit", "gap")
+
+
+def test_entries_name_the_operator_and_keep_the_whole_round_config() -> None:
+    from coordinator.core import commands
+
+    state = initial_state()
+    assert apply(state, {"op": "genesis", "version": "0" * 64, "size": 1, "holders": ["n1"],
+                         "cluster_size": 1})["ok"]
+    enroll = commands.enroll("site-a", KEY, operator="alice")
+    assert _applied(state, enroll)[1]["operator"] == "alice"
+    assert apply(state, commands.enroll("site-b", "b" * 64))["ok"]
+    train = commands.train(2, {"secure_aggregation": True, "compression": 4.0},
+                           operator="alice")
+    kind, payload = _applied(state, train)
+    assert kind == "training_requested" and payload["operator"] == "alice"
+    assert payload["config"]["secure_aggregation"] is True
+    assert payload["config"]["compression"] == 4.0
+    from coordinator.audit.writer import config_digest
+
+    assert payload["config_digest"] == config_digest(payload["config"])
+    revoked = _applied(state, commands.revoke("site-b", operator="bob"))
+    assert revoked == ("client_revoked", {"site": "site-b", "operator": "bob"})
+    # a malformed actor is refused like any malformed field, and changes nothing
+    assert not apply(state, commands.revoke("site-a", operator="x" * 500))["ok"]
