@@ -233,9 +233,13 @@ def init_model(
         err.print("[red]give exactly one of --task and --flower-app[/]")
         raise typer.Exit(2)
     if flower_app is not None:
-        from client.training.flower_host import FlowerAppTrainer
+        from client.training.flower_host import FlowerAppError, FlowerAppTrainer
 
-        params = FlowerAppTrainer(flower_app).initial_parameters()
+        try:
+            params = FlowerAppTrainer(flower_app).initial_parameters()
+        except FlowerAppError as exc:
+            err.print(f"[red]cannot use the Flower app:[/] {exc}")
+            raise typer.Exit(2) from None
     else:
         from client.training.tasks import TASKS, build_model, get_parameters
 

@@ -216,6 +216,17 @@ def render_site_toml(bundle: SiteBundle, identity_key: str, task: str | None,
     return "\n".join(lines)
 
 
+def _check_app(app_ref: str) -> None:
+    """Refuse, before writing anything, a Flower app reference the agent could not load."""
+    from client.training.flower_host import FlowerAppError, load_client_app
+
+    try:
+        load_client_app(app_ref)
+    except FlowerAppError as exc:
+        raise BundleError(f"{exc} (run the agent where that package is installed or "
+                          "importable)") from None
+
+
 def import_bundle(bundle_path: Path, identity_key_path: Path, directory: Path,
                   task: str | None = None, flower_app: str | None = None, partition: int = 0,
                   num_partitions: int = 1, ca_sha256: str | None = None,
@@ -226,6 +237,8 @@ def import_bundle(bundle_path: Path, identity_key_path: Path, directory: Path,
         raise BundleError("give exactly one of --task and --flower-app")
     if partition < 0 or num_partitions < 1 or partition >= num_partitions:
         raise BundleError("need 0 <= --partition < --num-partitions")
+    if flower_app is not None:
+        _check_app(flower_app)
     try:
         data = Path(bundle_path).read_bytes()
     except OSError as exc:

@@ -165,6 +165,20 @@ def test_malformed_bundles_refused(pki_env, tmp_path):
         site_bundle.import_bundle(env["bundle"], env["identity"], env["root"] / "site")
 
 
+def test_a_flower_app_that_cannot_load_is_refused_before_ready(pki_env):
+    env = pki_env
+    site_dir = env["root"] / "site"
+    for ref, why in (("nosuchmod:app", "cannot import module 'nosuchmod'"),
+                     ("client.examples.flower_breast_cancer:nope", "no attribute 'nope'"),
+                     ("client.examples.flower_breast_cancer", "must look like")):
+        with pytest.raises(site_bundle.BundleError, match=why):
+            site_bundle.import_bundle(env["bundle"], env["identity"], site_dir, flower_app=ref)
+        assert not site_dir.exists()
+    done = site_bundle.import_bundle(env["bundle"], env["identity"], site_dir,
+                                     flower_app="client.examples.flower_breast_cancer:app")
+    assert "flower_app" in done.config_path.read_text()
+
+
 def test_existing_files_kept_unless_forced(pki_env):
     env = pki_env
     site_dir = env["root"] / "site"
