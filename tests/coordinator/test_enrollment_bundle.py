@@ -206,25 +206,28 @@ def test_import_cli_exit_codes(pki_env):
     site_dir = env["root"] / "site"
     stranger = env["root"] / "stranger.pem"
     _write_identity(stranger)
+    app = "client.examples.flower_breast_cancer:app"
     bad = runner.invoke(client_app, ["import", str(env["bundle"]), "--identity-key", str(stranger),
-                                     "--dir", str(site_dir), "--flower-app", "m:app", "--json"])
+                                     "--dir", str(site_dir), "--flower-app", app, "--json"])
     assert bad.exit_code == 2 and json.loads(bad.stdout.splitlines()[0])["ok"] is False
     assert not site_dir.exists()
     ok = runner.invoke(client_app, ["import", str(env["bundle"]), "--identity-key",
                                     str(env["identity"]), "--dir", str(site_dir), "--flower-app",
-                                    "m:app", "--json"])
+                                    app, "--json"])
     assert ok.exit_code == 0, ok.output
     out = json.loads(ok.stdout.strip().splitlines()[-1])
     assert out["site"] == SITE and out["nodes"] == NODES
     assert out["budget"] == {"epsilon": 3.0, "delta": 1e-5}
-    assert load_site_config(site_dir / "site.toml").flower_app == "m:app"
+    assert load_site_config(site_dir / "site.toml").flower_app == app
 
 
 def test_enroll_bundle_flags_checked_before_enrolling(pki_env):
     """Nothing reaches the cluster (there is none at 127.0.0.1:9) when the bundle cannot be made."""
     env = pki_env
     runner = CliRunner()
-    creds = ["--admin", "127.0.0.1:9", "--ca", "ca.pem", "--cert", "op.pem", "--key", "op.key"]
+    op = pki.issue(env["ca_dir"], env["root"] / "op", "operator", "alice")
+    creds = ["--admin", "127.0.0.1:9", "--ca", str(op.ca), "--cert", str(op.cert), "--key",
+             str(op.key)]
     pub = wire.public_key_hex(Ed25519PrivateKey.generate())
     out = env["root"] / "new.json"
     no_ca = runner.invoke(operator_app, ["client", "enroll", "s1", "--public-key", pub, "--bundle",

@@ -37,6 +37,8 @@ def _trained(config: dict) -> dict:
     s = initial_state()
     assert apply(s, {"op": "genesis", "version": "0" * 64, "size": 10, "holders": ["n1", "n2"],
                      "cluster_size": 3})["ok"]
+    for i in range(2):  # min_clients (2) sites can take part, else Train is refused
+        assert apply(s, {"op": "enroll", "site": f"s{i}", "public_key": f"{i}" * 64})["ok"]
     r = apply(s, {"op": "train", "rounds": 5, "config": config})
     return s | {"_result": r}
 

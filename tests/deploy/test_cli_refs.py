@@ -68,7 +68,7 @@ def test_every_command_line_in_deploy_exists(roots):
     (("fedraft", "node", "launch"), "has no command 'launch'"),
     (("fedraft", "nodes", "start"), "has no command 'nodes'"),
     (("fedraft", "node", "start", "--confg", "n.toml"), "has no option '--confg'"),
-    (("fedraft", "node", "start", "--config=n.toml", "--json"), "has no option '--json'"),
+    (("fedraft", "node", "start", "--config=n.toml", "--jsn"), "has no option '--jsn'"),
     (("fedraft-client", "run", "--config", "s.toml", "--gpu"), "has no option '--gpu'"),
     (("fedraft-client", "serve"), "has no command 'serve'"),
     (("fedraft", "certs"), "is a group; it needs a command"),
