@@ -135,7 +135,7 @@ class Agent:
                     log.info("rate limited by %s: %s", self._address(), reply.get("error"))
                     self.stopped.wait(retry_after(reply))
                     continue
-                if code in ("disk_full", "unavailable"):  # that node takes no work now
+                if code in wire.TRY_NEXT_NODE:  # that node takes no work now
                     log.warning("%s: %s; trying the next node", self._address(), reply.get("error"))
                     self._next_node()
                     self.stopped.wait(0.2)

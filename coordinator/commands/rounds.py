@@ -132,12 +132,17 @@ def round_start(
     else:
         _print_history(st)
     if stopped is not None:
-        who = stopped.get("operator") or stopped.get("node") or "?"
         err.print(f"[red]the run stopped at round {st['last_round']} of {target}[/] "
-                  f"(by {escape(who)}): {escape(stopped['reason'])}")
+                  f"({_stopped_by(stopped)})")
         raise typer.Exit(EXIT_REFUSED)
     if st["last_round"] < target:
         raise typer.Exit(EXIT_TIMEOUT)
+
+
+def _stopped_by(stopped: dict[str, Any]) -> str:
+    """`by WHO: REASON` of a stopped run (an operator's stop, or the leader's)."""
+    who = stopped.get("operator") or stopped.get("node") or "?"
+    return f"by {escape(who)}: {escape(stopped['reason'])}"
 
 
 def _print_history(st: dict[str, Any], last: int = 20) -> None:
@@ -191,5 +196,4 @@ def round_status(config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt = N
         f"{len(p['submitted'])}/{len(p['participants'])} updates" if p else ""))
     stopped = st.get("stopped")
     if stopped and st["last_round"] >= st["target_round"]:
-        who = stopped.get("operator") or stopped.get("node") or "?"
-        console.print(f"stopped by {escape(who)}: {escape(stopped['reason'])}")
+        console.print(f"stopped ({_stopped_by(stopped)})")

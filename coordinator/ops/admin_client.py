@@ -72,10 +72,6 @@ def load_operator_config(
     )
 
 
-ELSEWHERE = frozenset({"unavailable", "disk_full"})
-"""Refusals that say "not this node, now": the next listed node is asked instead."""
-
-
 class AdminClient:
     def __init__(self, config: OperatorConfig, timeout: float = 15.0) -> None:
         self.config = config
@@ -101,7 +97,7 @@ class AdminClient:
             except grpc.RpcError as exc:
                 errors.append(f"{ep}: {exc.code().name}")
                 continue
-            if reply.get("code") in ELSEWHERE and endpoint is None:
+            if reply.get("code") in wire.TRY_NEXT_NODE and endpoint is None:
                 errors.append(f"{ep}: {reply.get('error')}")
                 continue
             if check and not reply.get("ok"):

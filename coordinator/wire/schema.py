@@ -17,6 +17,8 @@ from typing import Any
 FLEET_SERVICE = "fedraft.Fleet"
 ADMIN_SERVICE = "fedraft.Admin"
 FLEET_METHODS = ("Poll", "GetBlob", "Submit")
+TRY_NEXT_NODE = frozenset({"unavailable", "disk_full"})
+"""Refusal codes that mean "not this node, now": callers ask the next listed node."""
 ADMIN_METHODS = (
     "Status", "Enroll", "Revoke", "Sites", "InitModel", "Train", "Stop",
     "RoundStatus", "GetBlob", "PutBlob", "AddNode", "RemoveNode", "TransferLeader",
