@@ -203,6 +203,8 @@ class NodeApi:
             "target_round": s["training"]["target_round"],
             "stopped": s["training"].get("stopped"),
             "config": s["training"]["config"],
+            "run": s["training"].get("run"),
+            "runs": list(s.get("runs", {}).values()),
             "open": s["round"],
             "versions": [{k: v[k] for k in ("round", "hash", "parent", "size")}
                          for v in s["versions"]],
@@ -252,24 +254,27 @@ class NodeApi:
         if not params:
             return wire.error("malformed", "the model has no tensors")
         digest = wire.sha256_hex(data)
+        fresh = msg.get("fresh") is True  # the first model of the next run
         genesis = self.replica.state.read(
             lambda s: s["versions"][0]["hash"] if s["versions"] else None)
-        if genesis not in (None, digest):  # refused before any blob is written or pushed
-            return wire.error("exists", "the cluster already has a genesis model")
+        if not fresh and genesis not in (None, digest):  # refused before any blob is pushed
+            return wire.error("exists", "the cluster already has a genesis model; a run that "
+                              "starts from a new model uploads it with `fedraft run start --model`")
         holders = self.blobs.replicate(data, digest, timeout=GENESIS_PUSH_TIMEOUT_S)
         return self._submit(commands.genesis(digest, len(data), holders,
-                                             self.membership.cluster_size(),
+                                             self.membership.cluster_size(), fresh=fresh,
                                              request_id=msg.get("request_id")))
 
     def admin_train(self, msg: dict[str, Any], caller: Caller) -> Reply:
         return self._submit(commands.train(msg.get("rounds"), msg.get("config", {}),
+                                           run=msg.get("run"), task=msg.get("task"),
                                            operator=caller.name,
                                            request_id=msg.get("request_id")))
 
     def admin_stop(self, msg: dict[str, Any], caller: Caller) -> Reply:
         reason = msg.get("reason")
         return self._submit(commands.stop(reason=reason if isinstance(reason, str) else None,
-                                          operator=caller.name,
+                                          run=msg.get("run"), operator=caller.name,
                                           request_id=msg.get("request_id")))
 
     # ------------------------------------------------------------ admin API: membership

@@ -23,6 +23,7 @@ from coordinator.commands.models import model_app
 from coordinator.commands.node import node_app
 from coordinator.commands.privacy import privacy_app
 from coordinator.commands.rounds import round_app
+from coordinator.commands.runs import run_app
 from coordinator.commands.sites import client_app
 
 # errors are reported by main() in one line: a rich trace would print local variables
@@ -30,7 +31,7 @@ app = typer.Typer(help="fedraft coordinator: nodes, sites, rounds, models.", no_
                   pretty_exceptions_enable=False)
 app.add_typer(audit_app, name="audit", help="Query and verify the audit log (auditors).")
 for sub, name in ((node_app, "node"), (cluster_app, "cluster"), (client_app, "client"),
-                  (round_app, "round"), (model_app, "model"), (certs_app, "certs"),
+                  (run_app, "run"), (round_app, "round"), (model_app, "model"), (certs_app, "certs"),
                   (privacy_app, "privacy")):
     app.add_typer(sub, name=name)
 app.command("demo")(demo)

@@ -56,7 +56,7 @@ class Node:
             config.self_addr.raft, [p.raft for p in config.peers], config.data_dir / "raft",
             config.raft_password, (config.election_min_s, config.election_max_s),
             on_applied=self._on_applied, join=config.join, bind=config.raft_bind,
-            paused=self.disk.full, tls=RaftTls.from_identity(self.identity, self._node_at))
+            paused=self.disk.full, tls=RaftTls.from_identity(self.identity, self._node_at), node_id=self.id)
         self.membership = Membership(self.replica, config, self.identity)
         self.audit_heads = AuditHeadPublisher(self.replica, self.audit.latest_head)
         self.metrics.watch(self._metrics_view())

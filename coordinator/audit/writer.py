@@ -90,13 +90,26 @@ def audit_record(command: dict[str, Any], result: dict[str, Any],
     """The (kind, payload) an applied command leaves in the audit log, if any.
 
     A retried command (same request id) is applied once: its replays leave nothing.
+    Every entry names its actor (the operator's certificate name, or `node:ID` of the
+    node that submitted it) and the submitting node's wall-clock `time`, both carried
+    on the replicated command so that every node writes the same entry.
     """
     if not result.get("ok") or result.get("replayed"):
         return None
     record = _record(command, result, state)
+    if record is None:
+        return None
+    payload = record[1]
     operator = command.get("operator")
-    if record is not None and isinstance(operator, str) and "operator" not in record[1]:
-        record[1]["operator"] = operator  # who asked, from their certificate's name
+    if isinstance(operator, str) and "operator" not in payload:
+        payload["operator"] = operator  # who asked, from their certificate's name
+    node = command.get("submitted_by")
+    actor = operator if isinstance(operator, str) else (
+        f"node:{node}" if isinstance(node, str) else None)
+    if actor is not None:
+        payload.setdefault("actor", actor)
+    if isinstance(command.get("time"), str):
+        payload.setdefault("time", command["time"])  # the submitting node's wall clock
     return record
 
 
@@ -120,13 +133,17 @@ def _record(command: dict[str, Any], result: dict[str, Any],
         return "client_revoked", {"site": command["site"]}
     if op == commands.QUARANTINE:
         return "client_quarantined", {k: result[k] for k in ("site", "reason", "round", "attempt")}
-    if op == commands.GENESIS and len(state["versions"]) == 1 and result.get("version") == command["version"]:
-        return "model_genesis", {"version": command["version"], "size": command["size"]}
+    if op == commands.GENESIS and result.get("new"):
+        return "model_genesis", {"version": command["version"], "size": command["size"],
+                                 "round": result["round"]}
     if op == commands.CLAIM and result.get("new"):
         return "leader_claimed", {"term": command["term"], "node": command["node"]}
     if op == commands.TRAIN:
         config = state["training"]["config"]  # in full: secure aggregation on or off, etc.
-        return "training_requested", {"rounds": command["rounds"],
+        run = state["runs"][result["run"]]
+        return "training_requested", {"rounds": command["rounds"], "run": result["run"],
+                                      "task": run["task"], "base": run["base"],
+                                      "first_round": run["first_round"],
                                       "target_round": result["target_round"],
                                       "config_digest": config_digest(config),
                                       "config": dict(config)}
@@ -134,7 +151,8 @@ def _record(command: dict[str, Any], result: dict[str, Any],
         r = state["round"]
         return "round_opened", {"round": r["round"], "attempt": r["attempt"], "term": r["term"],
                                 "base": r["base"], "participants": r["participants"],
-                                "config_digest": config_digest(r["config"])}
+                                "config_digest": config_digest(r["config"]),
+                                "config": dict(r["config"]), "run": r.get("run")}
     if op == commands.ROUND_ABORT:
         a = state["history"][command["round"]]["aborted"][-1]
         return "round_aborted", {"round": command["round"], "attempt": command["attempt"],
@@ -147,9 +165,11 @@ def _record(command: dict[str, Any], result: dict[str, Any],
             "version": c["version"], "parent": c["parent"], "size": command["size"],
             "participants": c["participants"], "survivors": c["survivors"],
             "metrics": c["metrics"], "charges": c.get("charges", {}),
+            "site_metrics": c.get("site_metrics", {}), "run": state["training"].get("run"),
         }
     if op == commands.STOP:
-        payload = {"target_round": result["target_round"], "reason": result["reason"]}
+        payload = {"target_round": result["target_round"], "reason": result["reason"],
+                   "run": result.get("run")}
         payload.update({k: result[k] for k in ("operator", "node") if k in result})
         return "training_stopped", payload
     if op == commands.LATE_CHARGE:

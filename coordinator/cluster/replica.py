@@ -16,6 +16,7 @@ alive, and a leader's hang-up starts an election at once.
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import logging
 import threading
 import time
@@ -51,6 +52,11 @@ REJOIN_MARKER = "REJOIN"
 """Left in an emptied Raft directory by `fedraft node recover`: the node rejoins quietly."""
 
 AppliedHook = Callable[[dict[str, Any], dict[str, Any], dict[str, Any]], None]
+
+
+def wall_clock() -> str:
+    """This node's UTC time, to the millisecond, as the audit log records it."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class ReplicatedState(SyncObjConsumer):
@@ -107,11 +113,15 @@ class Replica:
         bind: str = "",
         paused: Callable[[], bool] = lambda: False,
         tls: RaftTls | None = None,
+        node_id: str | None = None,
     ) -> None:
         """`bind` is the host:port the Raft port listens on: only `self_addr` unless given
         (pysyncobj alone listens on every interface). While `paused()` (its disk is full)
         the replica takes no append, casts no vote and stands for no election. With `tls`
-        every Raft connection is mutual TLS between node certificates (`raft_tls`)."""
+        every Raft connection is mutual TLS between node certificates (`raft_tls`).
+        `node_id` is stamped on the commands this node submits (`submitted_by`), beside
+        its wall-clock time (`time`): the audit log records both, the state ignores them."""
+        self.node_id = node_id
         data_dir.mkdir(parents=True, exist_ok=True)
         conf = SyncObjConf(
             password=password,
@@ -333,6 +343,10 @@ class Replica:
         """
         command = dict(command)
         command.setdefault("request_id", uuid.uuid4().hex)
+        # when and where the command was asked for, for the audit log (never for apply)
+        command.setdefault("time", wall_clock())
+        if self.node_id is not None:
+            command.setdefault("submitted_by", self.node_id)
         # The term this node knows, kept across timeouts: a copy that sits queued on a
         # cut-off leader keeps the old term and is refused once a newer leader claimed.
         command["submitted_term"] = self.term()

@@ -77,25 +77,32 @@ def revoke(site: Any, *, operator: str | None = None, request_id: Any = None) ->
 
 
 def genesis(version: str, size: int, holders: list[str], cluster_size: int, *,
-            request_id: Any = None) -> Command:
-    return _with_id({"op": GENESIS, "version": version, "size": size, "holders": holders,
-                     "cluster_size": cluster_size}, request_id)
-
-
-def train(rounds: Any, config: Any, *, operator: str | None = None,
-          request_id: Any = None) -> Command:
-    command: Command = {"op": TRAIN, "rounds": rounds, "config": config}
-    if operator is not None:
-        command["operator"] = operator
+            fresh: bool = False, request_id: Any = None) -> Command:
+    """The cluster's first model, or with `fresh` the first model of the next run."""
+    command: Command = {"op": GENESIS, "version": version, "size": size, "holders": holders,
+                        "cluster_size": cluster_size}
+    if fresh:
+        command["fresh"] = True
     return _with_id(command, request_id)
 
 
-def stop(*, reason: str | None = None, operator: str | None = None, node: str | None = None,
-         request_id: Any = None) -> Command:
-    """End the run after the round now open: an operator's decision (`operator`), or the
-    leader's (`node`) when a round keeps failing; `reason` goes to the audit log."""
+def train(rounds: Any, config: Any, *, run: Any = None, task: Any = None,
+          operator: str | None = None, request_id: Any = None) -> Command:
+    """Start a run (`run`: its id, else the next `run-N`; `task`: a label)."""
+    command: Command = {"op": TRAIN, "rounds": rounds, "config": config}
+    for key, value in (("run", run), ("task", task), ("operator", operator)):
+        if value is not None:
+            command[key] = value
+    return _with_id(command, request_id)
+
+
+def stop(*, reason: str | None = None, run: Any = None, operator: str | None = None,
+         node: str | None = None, request_id: Any = None) -> Command:
+    """End the running run (`run`, if given, must name it): an operator's decision
+    (`operator`), or the leader's (`node`) when a round keeps failing; the open attempt
+    is aborted; `reason` goes to the audit log."""
     cmd: Command = {"op": STOP}
-    for key, value in (("reason", reason), ("operator", operator), ("node", node)):
+    for key, value in (("reason", reason), ("run", run), ("operator", operator), ("node", node)):
         if value is not None:
             cmd[key] = value
     return _with_id(cmd, request_id)
@@ -116,11 +123,13 @@ def round_abort(term: int, rnd: int, attempt: int, reason: str,
 def round_commit(term: int, rnd: int, attempt: int, *, node: str, version: str, parent: str,
                  size: int, survivors: list[str], metrics: dict[str, float],
                  holders: list[str], cluster_size: int,
-                 charges: dict[str, dict[str, float]]) -> Command:
+                 charges: dict[str, dict[str, float]],
+                 site_metrics: dict[str, dict[str, float]] | None = None) -> Command:
+    """`site_metrics`: what each survivor reported of the base model it received."""
     return {"op": ROUND_COMMIT, "term": term, "round": rnd, "attempt": attempt, "node": node,
             "version": version, "parent": parent, "size": size, "survivors": survivors,
             "metrics": metrics, "holders": holders, "cluster_size": cluster_size,
-            "charges": charges}
+            "charges": charges, "site_metrics": site_metrics or {}}
 
 
 def late_charge(term: int, rnd: int, attempt: int, site: str, prior_charges: int,

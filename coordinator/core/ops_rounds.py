@@ -1,4 +1,4 @@
-"""Operations of training: the genesis model, a run's rounds, and each round attempt.
+"""Operations of rounds: each attempt of a run's rounds (runs themselves: `ops_runs`).
 
 Round commands of the driver are fenced: they carry the term of the leader that issued
 them and anything older is refused, so a deposed leader commits nothing. An attempt is
@@ -11,10 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 from coordinator import wire
-from coordinator.core import ledger
-from coordinator.core.checks import REASON_CHARS, Command, Rejected, need, operator_name
-from coordinator.core.queries import eligible_sites, head, last_round, quorum, training_pending
-from coordinator.core.round_config import validate_round_config
+from coordinator.core import ledger, ops_runs
+from coordinator.core.checks import REASON_CHARS, Command, Rejected, need
+from coordinator.core.queries import (
+    head,
+    holders_quorum,
+    last_round,
+    open_round_cancelled,
+    training_pending,
+)
 
 State = dict[str, Any]
 Result = dict[str, Any]
@@ -28,71 +33,6 @@ def _fenced(state: State, cmd: Command) -> int:
     if term > state["fence_term"]:
         raise Rejected("unclaimed_term", f"term {term} has not claimed leadership")
     return term
-
-
-def _holders_quorum(cmd: Command) -> list[str]:
-    holders = need(cmd, "holders", list)
-    if not all(isinstance(h, str) for h in holders):  # node ids; sorted and hashed below
-        raise Rejected("malformed", "holders must be node ids")
-    size = need(cmd, "cluster_size", int)
-    if size < 1 or len(set(holders)) < quorum(size):
-        raise Rejected("no_quorum", f"blob held by {len(set(holders))} of {size} nodes")
-    return sorted(set(holders))
-
-
-def genesis(state: State, cmd: Command) -> Result:
-    version = wire.hex64(cmd.get("version"), "version")
-    size = need(cmd, "size", int)
-    holders = _holders_quorum(cmd)
-    if state["versions"]:
-        if state["versions"][0]["hash"] == version:
-            return {"version": version}
-        raise Rejected("exists", "the cluster already has a genesis model")
-    if size <= 0:
-        raise Rejected("malformed", "size must be positive")
-    state["versions"].append(
-        {"round": 0, "hash": version, "parent": None, "size": size, "holders": holders}
-    )
-    return {"version": version}
-
-
-def train(state: State, cmd: Command) -> Result:
-    operator_name(cmd)
-    rounds = need(cmd, "rounds", int)
-    if not 1 <= rounds <= 100_000:
-        raise Rejected("malformed", "rounds must be between 1 and 100000")
-    if not state["versions"]:
-        raise Rejected("no_model", "upload a genesis model first (fedraft model init)")
-    config = validate_round_config(cmd.get("config", {}), state["training"]["config"])
-    eligible = len(eligible_sites(state))
-    if config["min_clients"] > eligible:  # no round of this run could ever commit
-        raise Rejected("unsatisfiable", f"min_clients is {config['min_clients']} but only "
-                       f"{eligible} sites can take part (enrolled, not revoked or "
-                       "quarantined); enroll more sites or lower min_clients")
-    base = max(state["training"]["target_round"], last_round(state))
-    if state["round"] is not None:
-        base = max(base, state["round"]["round"])
-    # attempts already spent on the first round (by an earlier run) do not count
-    # against this run's max_attempts
-    state["training"] = {"target_round": base + rounds, "config": config,
-                         "first_round": base + 1,
-                         "attempt_base": state["attempts"].get(base + 1, 0)}
-    return {"target_round": base + rounds}
-
-
-def stop(state: State, cmd: Command) -> Result:
-    reason = cmd.get("reason")
-    if reason is not None and not isinstance(reason, str):
-        raise Rejected("malformed", "reason must be a string")
-    operator, node = operator_name(cmd), cmd.get("node")
-    if node is not None and not isinstance(node, str):
-        raise Rejected("malformed", "node must be a node id")
-    current = state["round"]["round"] if state["round"] else last_round(state)
-    state["training"]["target_round"] = max(last_round(state), current)
-    stopped = {"reason": (reason or "stopped")[:REASON_CHARS],
-               **({"operator": operator} if operator else {}), **({"node": node} if node else {})}
-    state["training"]["stopped"] = stopped
-    return {"target_round": state["training"]["target_round"], **stopped}
 
 
 def _open_round(state: State, cmd: Command) -> dict[str, Any]:
@@ -145,7 +85,7 @@ def round_open(state: State, cmd: Command) -> Result:
     state["attempts"][rnd] = attempt
     state["round"] = {"round": rnd, "attempt": attempt, "term": term, "base": base,
                       "participants": sites, "seed": seed, "config": dict(config),
-                      "opened_seq": state["seq"]}
+                      "opened_seq": state["seq"], "run": state["training"].get("run")}
     state["history"].setdefault(rnd, {"committed": None, "aborted": []})
     return {"round": rnd, "attempt": attempt}
 
@@ -172,7 +112,13 @@ def round_commit(state: State, cmd: Command) -> Result:
     size = need(cmd, "size", int)
     survivors = [wire.site_id(s) for s in need(cmd, "survivors", list)]
     metrics = wire.check_metrics(cmd.get("metrics", {}))
-    holders = _holders_quorum(cmd)
+    site_metrics = cmd.get("site_metrics", {})
+    if not isinstance(site_metrics, dict) or not set(site_metrics) <= set(survivors):
+        raise Rejected("malformed", "site_metrics must map survivors to their metrics")
+    site_metrics = {s: wire.check_metrics(m) for s, m in sorted(site_metrics.items())}
+    holders = holders_quorum(cmd)
+    if open_round_cancelled(state):
+        raise Rejected("stopped", "the run of this attempt was stopped: it may not commit")
     if parent != r["base"] or parent != head(state):
         raise Rejected("wrong_base", "parent is not the round's base version")
     if any(v["hash"] == version for v in state["versions"]):
@@ -193,8 +139,10 @@ def round_commit(state: State, cmd: Command) -> Result:
         "attempt": r["attempt"], "term": term, "leader": node if isinstance(node, str) else None,
         "version": version, "parent": parent, "participants": r["participants"],
         "survivors": sorted(survivors), "metrics": metrics, "charges": charges,
+        "site_metrics": site_metrics,
     }
     state["round"] = None
+    ops_runs.finish_round(state)
     return {"round": r["round"], "version": version}
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from coordinator.core.checks import Rejected, need
+
 State = dict[str, Any]
 
 
@@ -28,8 +30,28 @@ def training_pending(state: State) -> bool:
     return bool(state["versions"]) and last_round(state) < state["training"]["target_round"]
 
 
+def open_round_cancelled(state: State) -> bool:
+    """The open attempt may no longer commit: its run was stopped (or another began)."""
+    r = state["round"]
+    if r is None:
+        return False
+    return (r.get("run") != state["training"].get("run")
+            or r["round"] > state["training"]["target_round"])
+
+
 def quorum(cluster_size: int) -> int:
     return cluster_size // 2 + 1
+
+
+def holders_quorum(cmd: dict[str, Any]) -> list[str]:
+    """The nodes a command says hold a model blob, which must be a quorum of the cluster."""
+    holders = need(cmd, "holders", list)
+    if not all(isinstance(h, str) for h in holders):  # node ids; sorted and hashed below
+        raise Rejected("malformed", "holders must be node ids")
+    size = need(cmd, "cluster_size", int)
+    if size < 1 or len(set(holders)) < quorum(size):
+        raise Rejected("no_quorum", f"blob held by {len(set(holders))} of {size} nodes")
+    return sorted(set(holders))
 
 
 def charge_status(state: State, site: str, rnd: int, attempt: int) -> str:

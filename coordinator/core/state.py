@@ -5,7 +5,7 @@ replica that applies the same log reaches the same state. State is plain data (d
 lists, str, int, float) so that pysyncobj can snapshot it and the CLI can print it.
 A rejected command returns an error result and leaves the state untouched: all checks
 run before the first mutation. The operations live by concern in `ops_sites`,
-`ops_rounds` and `ops_cluster`; `commands` builds the commands they take.
+`ops_runs`, `ops_rounds` and `ops_cluster`; `commands` builds the commands they take.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from coordinator import wire
 from coordinator.core import commands as cmds
-from coordinator.core import ops_cluster, ops_rounds, ops_sites
+from coordinator.core import ops_cluster, ops_rounds, ops_runs, ops_sites
 from coordinator.core.round_config import DEFAULT_ROUND_CONFIG
 
 State = dict[str, Any]
@@ -36,6 +36,7 @@ def initial_state() -> State:
         #                        "charges", and "quarantined" once the leader found it hostile}
         "versions": [],  # [{"round", "hash", "parent", "size"}], index == round
         "training": {"target_round": 0, "config": dict(DEFAULT_ROUND_CONFIG)},
+        "runs": {},  # run id -> {"id", "task", "status", "config", "first_round", ...}
         "round": None,  # the open round, or None
         "history": {},  # round -> {"committed": {...} | None, "aborted": [...]}
         "attempts": {},  # round -> attempts opened so far
@@ -52,9 +53,9 @@ OPS: dict[str, Callable[[State, Command], Result]] = {
     cmds.ENROLL: ops_sites.enroll,
     cmds.SET_BUDGET: ops_sites.set_budget,
     cmds.REVOKE: ops_sites.revoke,
-    cmds.GENESIS: ops_rounds.genesis,
-    cmds.TRAIN: ops_rounds.train,
-    cmds.STOP: ops_rounds.stop,
+    cmds.GENESIS: ops_runs.genesis,
+    cmds.TRAIN: ops_runs.train,
+    cmds.STOP: ops_runs.stop,
     cmds.ROUND_OPEN: ops_rounds.round_open,
     cmds.ROUND_ABORT: ops_rounds.round_abort,
     cmds.ROUND_COMMIT: ops_rounds.round_commit,

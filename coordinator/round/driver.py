@@ -25,7 +25,7 @@ from coordinator.cluster.metrics import NodeMetrics, StageClock
 from coordinator.cluster.presence import OnlineSites, TaskBell
 from coordinator.cluster.replica import CommandFailed, Replica
 from coordinator.core import commands
-from coordinator.core.queries import quorum
+from coordinator.core.queries import open_round_cancelled, quorum
 from coordinator.round import policy
 from coordinator.round.aggregation import AggregationAbort, InvalidAggregate, make_aggregation
 from coordinator.round.charges import ChargePool
@@ -378,6 +378,9 @@ class RoundDriver:
         while True:
             if not self._leading(s.term):
                 return False
+            if self.replica.state.read(open_round_cancelled):
+                self._abort(s.term, s.round, s.attempt, "run_stopped")
+                return False
             with s.lock:
                 summed = s.agg.sum
                 if policy.stage_done(summed.answered, summed.expected(),
@@ -419,7 +422,8 @@ class RoundDriver:
         r = self._submit(commands.round_commit(
             s.term, s.round, s.attempt, node=self.node_id, version=digest, parent=s.base,
             size=len(blob), survivors=survivors, metrics=metrics, holders=holders,
-            cluster_size=cluster_size, charges=charges))
+            cluster_size=cluster_size, charges=charges,
+            site_metrics=policy.site_metrics(survivors, s.metrics)))
         self._drop_session()
         self._committed(s, r, digest, survivors, charges)
 
@@ -434,7 +438,9 @@ class RoundDriver:
                             "seconds": round(time.monotonic() - s.opened_at, 6)})
             return
         log.warning("round_commit refused: %s", r)
-        if r.get("code") == "overspend":
+        if r.get("code") == "stopped":  # an operator stopped the run meanwhile
+            self._abort(s.term, s.round, s.attempt, "run_stopped", charges)
+        elif r.get("code") == "overspend":
             # a site reported a mechanism its budget cannot pay: charge the others and
             # retry the round; the ledger never records an overspend
             budgets = self.replica.state.read(

@@ -162,6 +162,18 @@ def round_metrics(survivors: list[str], reported: Mapping[str, Mapping[str, floa
     return out
 
 
+SITE_METRICS = ("eval_accuracy", "eval_loss", "train_loss")
+"""What the commit keeps of each survivor's report: its evaluation of the base model it
+received, and its training loss (not its DP parameters: those are in its charge)."""
+
+
+def site_metrics(survivors: list[str], reported: Mapping[str, Mapping[str, float]]
+                 ) -> dict[str, dict[str, float]]:
+    """Each survivor's own metrics, for the operator's and the auditor's per-site view."""
+    return {site: {k: reported[site][k] for k in SITE_METRICS if k in reported[site]}
+            for site in survivors if site in reported}
+
+
 def submit_refusal(submit: wire.Submit, session: tuple[int, int, int],
                    participants: frozenset[str]) -> dict[str, Any] | None:
     """Whether a Submit belongs to the open session at all; the error reply if not."""

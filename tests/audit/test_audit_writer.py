@@ -34,7 +34,7 @@ def test_budget_change_is_recorded() -> None:
     record = _applied(state, cmd)
     assert record == ("budget_changed", {"site": "site-a", "epsilon": 5.0, "delta": 1e-5,
                                          "old_epsilon": 3.0, "old_delta": 1e-5,
-                                         "spent": 0.0, "operator": "alice"})
+                                         "spent": 0.0, "operator": "alice", "actor": "alice"})
     validate_payload(*record)  # what the store checks on append
     assert _applied(state, cmd) is None  # the retry is applied once, recorded once
     # nothing changed, or nothing applied: nothing recorded
@@ -274,6 +274,10 @@ def test_entries_name_the_operator_and_keep_the_whole_round_config() -> None:
 
     assert payload["config_digest"] == config_digest(payload["config"])
     revoked = _applied(state, commands.revoke("site-b", operator="bob"))
-    assert revoked == ("client_revoked", {"site": "site-b", "operator": "bob"})
+    assert revoked == ("client_revoked", {"site": "site-b", "operator": "bob", "actor": "bob"})
+    # the node that submitted a command, and when, ride on the command into the entry
+    stamped = commands.revoke("site-a") | {"submitted_by": "n2", "time": "2026-12-07T10:00:00.000Z"}
+    assert _applied(state, stamped) == ("client_revoked", {
+        "site": "site-a", "actor": "node:n2", "time": "2026-12-07T10:00:00.000Z"})
     # a malformed actor is refused like any malformed field, and changes nothing
     assert not apply(state, commands.revoke("site-a", operator="x" * 500))["ok"]

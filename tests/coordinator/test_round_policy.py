@@ -32,8 +32,8 @@ def test_leader_view_reads_the_next_attempt_and_the_run() -> None:
     assert view.eligible == ["a"] and view.genesis == view.head == "0" * 64
     assert view.config.lr == 0.2 and policy.next_attempt(view) == (1, 1)
     assert apply(s, {"op": "claim", "term": 2, "node": "n1"})["ok"]
-    assert apply(s, {"op": "train", "rounds": 1, "config": {"min_clients": 1,
-                                                           "secure_aggregation": False}})["ok"]
+    busy = apply(s, {"op": "train", "rounds": 1, "config": {"min_clients": 1}})
+    assert busy["code"] == "run_active" and "run-1 is still running" in busy["error"]
     assert apply(s, {"op": "round_open", "term": 2, "round": 1, "attempt": 1, "base": "0" * 64,
                      "participants": ["a"], "seed": "00"})["ok"]
     assert apply(s, {"op": "round_abort", "term": 2, "round": 1, "attempt": 1,
@@ -75,6 +75,7 @@ def test_a_run_stops_after_max_attempts_failed_in_a_row_and_says_why() -> None:
     assert policy.give_up(policy.LeaderView.of(s)) is None
     _failing(s, 3)
     assert policy.give_up(policy.LeaderView.of(s)) is not None
+    assert apply(s, {"op": "stop", "node": "n1"})["ok"]
     # 0: retry for ever, as before
     assert apply(s, {"op": "train", "rounds": 1, "config": {"max_attempts": 0}})["ok"]
     _failing(s, 30)

@@ -4,6 +4,7 @@ Real processes: 3 nodes, 3 enrolled sites of which 2 run, through the `fedraft` 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import subprocess
 import sys
@@ -61,5 +62,8 @@ def test_unsatisfiable_runs_are_refused_or_stopped_with_the_reason(make_cluster)
             break
         time.sleep(0.5)
     assert stops[0]["reason"] == summary["stopped"]["reason"] and "node" in stops[0]
+    assert stops[0]["actor"] == f"node:{stops[0]['node']}"
+    when = stops[1].pop("time")  # the leader's wall clock, to the millisecond
+    assert abs(dt.datetime.fromisoformat(when).timestamp() - time.time()) < 120
     assert stops[1] == {"target_round": status["target_round"], "operator": "operator",
-                        "reason": "wrong data at site-2"}
+                        "actor": "operator", "run": "run-2", "reason": "wrong data at site-2"}
