@@ -2,7 +2,9 @@
 
 Every command reads either a live database (``--db URL`` or ``FEDRAFT_AUDIT_DB``), opened
 read-only and never migrated, or an export (``--bundle DIR``). Tables for people, ``--json``
-for scripts. Exit codes: 0 success; 1 the log fails verification, or the round / version
+for scripts. The read commands (rounds, show, model) verify the whole log before they
+show any of it, and show nothing of a log that fails (``--no-verify`` shows it, marked
+unverified). Exit codes: 0 success; 1 the log fails verification, or the round / version
 asked for is not in the log; 2 usage errors and unreachable or non-audit databases; 3 (verify
 only) the log is self-consistent but nothing pinned its signer (no --key, no --head).
 """
@@ -25,7 +27,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from coordinator.audit.bundle import Bundle, BundleError, export_bundle
 from coordinator.audit.charges import Accountant, prv_epsilon
-from coordinator.audit.entry import Checkpoint, Entry, PayloadError
+from coordinator.audit.entry import MODEL_KINDS, Checkpoint, Entry, PayloadError
 from coordinator.audit.keys import AuditKeyError, load_public_key
 from coordinator.audit.query import LineageError, RoundView
 from coordinator.audit.report import build_report
@@ -66,6 +68,41 @@ KeyOpt = Annotated[
         help="Pin the genesis audit public key (64 hex digits, or a file with hex/PEM).",
     ),
 ]
+
+
+VerifyReadOpt = Annotated[
+    bool,
+    typer.Option("--verify/--no-verify",
+                 help="Verify the log's hashes and signatures before showing it (default); "
+                 "--no-verify shows it unverified, and says so."),
+]
+
+
+def _checked(source: AuditStore | Bundle, key: str | None, verify: bool) -> None:
+    """Verify the whole log before any of it is shown: a failure is named and nothing is
+    shown (exit 1); unpinned or unverified output says so on stderr."""
+    note = Console(stderr=True, highlight=False, soft_wrap=True)
+    if not verify:
+        note.print("[yellow]not verified[/] (--no-verify): what follows may have been edited")
+        return
+    options: dict[str, Any] = {}
+    try:
+        if key:
+            options["genesis_key"] = load_public_key(key)
+    except (AuditKeyError, OSError) as exc:
+        _close(source)
+        _fail(EXIT_USAGE, f"unusable --key: {exc}")
+    report: VerifyReport = _read(source, lambda: source.verify(**options))
+    if not report.ok:
+        _close(source)
+        where = (f"seq {report.first_bad_seq}" if report.first_bad_seq is not None
+                 else f"the checkpoint at tree size {report.bad_checkpoint}")
+        _fail(EXIT_BAD, f"the log FAILS verification at {where}: {report.reason}; nothing is "
+                        "shown (fedraft audit verify names every issue; --no-verify shows it "
+                        "anyway)")
+    if not report.signer_pinned:
+        note.print("[yellow]self-consistent, signer not pinned[/]: give --key (or "
+                   f"{ENV_KEY}) to check who signed it")
 
 
 def _out() -> Console:
@@ -138,10 +175,14 @@ def rounds_cmd(
     site: Annotated[str | None, typer.Option(help="Only rounds this site took part in.")] = None,
     db: DbOpt = None,
     bundle: BundleOpt = None,
+    key: KeyOpt = None,
+    verify: VerifyReadOpt = True,
     as_json: JsonOpt = False,
 ) -> None:
-    """List rounds: outcome, participants, model version, metrics, privacy spent."""
+    """List rounds: outcome, participants, model version, metrics, privacy spent.
+    The log is verified first; exit 1 (nothing shown) when it fails."""
     source = _open(db, bundle)
+    _checked(source, key, verify)
     try:
         views: list[RoundView] = _read(source, source.rounds, since, until, site)
     finally:
@@ -177,10 +218,14 @@ def show_cmd(
     round_number: Annotated[int, typer.Argument(metavar="ROUND", help="Round number.")],
     db: DbOpt = None,
     bundle: BundleOpt = None,
+    key: KeyOpt = None,
+    verify: VerifyReadOpt = True,
     as_json: JsonOpt = False,
 ) -> None:
-    """Everything recorded about one round: each attempt, who took part, charges, model."""
+    """Everything recorded about one round: each attempt, who took part, charges, model.
+    The log is verified first; exit 1 (nothing shown) when it fails."""
     source = _open(db, bundle)
+    _checked(source, key, verify)
     try:
         view: RoundView | None = _read(source, source.round, round_number)
     finally:
@@ -193,11 +238,15 @@ def show_cmd(
     out = _out()
     out.print(f"[bold]round {view.round}[/]: {view.status}, {len(view.attempts)} attempt(s)")
     for a in view.attempts:
-        table = Table(title=f"attempt {a.attempt} (term {a.term}): {a.status}",
+        ended = ("" if a.ended_term in (None, a.term)
+                 else f", {a.status} by the leader of term {a.ended_term}")
+        table = Table(title=f"attempt {a.attempt} (opened in term {a.term}{ended}): {a.status}",
                       show_header=False, title_justify="left")
         table.add_column("field", style="bold")
         table.add_column("value")
         rows = [("entries (seq)", ", ".join(map(str, a.seqs))),
+                ("run", a.run or "-"),
+                ("opened / ended", f"{a.opened_at or '-'} / {a.ended_at or '-'}"),
                 ("participants", ", ".join(a.participants) or "-")]
         if a.status == "committed":
             rows += [("survivors", ", ".join(a.survivors) or "-"),
@@ -208,6 +257,10 @@ def show_cmd(
             rows.append(("base", a.base or "-"))
         if a.config_digest:
             rows.append(("config digest", a.config_digest))
+        if a.config:
+            rows.append(("config", " ".join(f"{k}={v}" for k, v in sorted(a.config.items()))))
+        for site, m in sorted(a.site_metrics.items()):
+            rows.append((f"{site} reported", _metrics_text(m)))
         if a.reason:
             rows.append(("abort reason", a.reason))
         for name, value in rows:
@@ -225,14 +278,24 @@ def show_cmd(
 
 @audit_app.command("model")
 def model_cmd(
-    version: Annotated[str, typer.Argument(help="Model version hash, or a unique prefix.")],
+    version: Annotated[str, typer.Argument(
+        help="Model version hash, a unique prefix, or 'latest' (the newest in the log).")],
     db: DbOpt = None,
     bundle: BundleOpt = None,
+    key: KeyOpt = None,
+    verify: VerifyReadOpt = True,
     as_json: JsonOpt = False,
 ) -> None:
-    """Lineage of a model version back to the initial model, one round per step."""
+    """Lineage of a model version back to its genesis model, one round per step.
+    The log is verified first; exit 1 (nothing shown) when it fails."""
     source = _open(db, bundle)
+    _checked(source, key, verify)
     try:
+        if version == "latest":
+            models = [e for e in _read(source, source.entries) if e.kind in MODEL_KINDS]
+            if not models:
+                raise LineageError("the log records no model version yet")
+            version = models[-1].payload["version"]
         chain: list[Entry] = _read(source, source.lineage, version)
     except LineageError as exc:
         _fail(EXIT_BAD, str(exc))

@@ -45,6 +45,12 @@ class Attempt:
     charges: dict[str, dict[str, Any]] = field(default_factory=dict)
     reason: str | None = None
     seqs: list[int] = field(default_factory=list)
+    ended_term: int | None = None  # of the leader that committed or aborted it
+    run: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    site_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    opened_at: str | None = None  # the leader's wall clock
+    ended_at: str | None = None
 
 
 @dataclass(slots=True)
@@ -126,12 +132,20 @@ def group_rounds(entries: Iterable[Entry]) -> dict[int, RoundView]:
         if e.kind == CHARGE_RECORDED:  # a late charge on an aborted attempt, by a later term
             attempt.charges.update(p.get("charges") or {})
             continue
-        attempt.term = p.get("term", attempt.term)
         if e.kind == ROUND_OPENED:
+            attempt.term = p.get("term")
             attempt.participants = list(p.get("participants", []))
             attempt.base = p.get("base")
             attempt.config_digest = p.get("config_digest")
-        elif e.kind == ROUND_COMMITTED:
+            attempt.config = dict(p.get("config") or {})
+            attempt.run = p.get("run")
+            attempt.opened_at = p.get("time")
+            continue
+        # an attempt is ended by the leader of its own term, or aborted by a later one
+        attempt.ended_term, attempt.ended_at = p.get("term"), p.get("time")
+        if attempt.term is None:
+            attempt.term = attempt.ended_term
+        if e.kind == ROUND_COMMITTED:
             attempt.status = "committed"
             attempt.participants = list(p.get("participants", attempt.participants))
             attempt.survivors = list(p.get("survivors", []))
@@ -140,6 +154,7 @@ def group_rounds(entries: Iterable[Entry]) -> dict[int, RoundView]:
             attempt.size = p.get("size")
             attempt.metrics = dict(p.get("metrics") or {})
             attempt.charges = dict(p.get("charges") or {})
+            attempt.site_metrics = dict(p.get("site_metrics") or {})
         elif e.kind == ROUND_ABORTED:
             attempt.status = "aborted"
             attempt.reason = p.get("reason")

@@ -314,3 +314,28 @@ def test_an_unusable_head_is_a_usage_error(logged: tuple[str, Built], tmp_path: 
     assert bad.exit_code == 2 and "lacks field" in bad.stderr
     (tmp_path / "none.json").write_text('{"audit_head": null}')
     assert run("verify", "--db", url, "--head", str(tmp_path / "none.json")).exit_code == 2
+
+
+def test_read_commands_verify_what_they_show(logged: tuple[str, Built], signer: AuditSigner,
+                                             tmp_path: Path) -> None:
+    url, built = logged
+    pinned = run("rounds", "--db", url, "--key", signer.public_key_hex, "--json")
+    assert pinned.exit_code == 0 and "not pinned" not in pinned.stderr
+    unpinned = run("rounds", "--db", url, "--json")
+    assert unpinned.exit_code == 0 and "signer not pinned" in unpinned.stderr
+    latest = json.loads(run("model", "latest", "--db", url, "--json").stdout)
+    assert latest[0]["payload"]["version"] == built.versions[-1]
+    assert latest[-1]["kind"] == "model_genesis"
+    # a forged survivor list: nothing is shown, the failure is named, exit 1
+    import sqlite3
+
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:  # behind the store's back
+        conn.execute("DROP TRIGGER IF EXISTS audit_entries_no_update")
+        conn.execute("UPDATE audit_entries SET payload = replace(payload, '\"survivors\":[\"site-01\"', "
+                     "'\"survivors\":[\"site-09\"') WHERE seq = ?", (built.seq_of_round[5],))
+    for args in (("rounds",), ("show", "1"), ("model", "latest")):
+        refused = run(*args, "--db", url)
+        assert refused.exit_code == 1, (args, refused.output)
+        assert "FAILS verification at seq" in refused.stderr and refused.stdout == ""
+    shown = run("rounds", "--db", url, "--no-verify", "--json")
+    assert shown.exit_code == 0 and "not verified" in shown.stderr and json.loads(shown.stdout)
