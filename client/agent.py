@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from client.round_work import BudgetRefusal, RoundWork, Site
+from client.round_work import BudgetRefusal, RoundWork, Site, final_evaluation
 from client.store import RESIDUAL_FILE, DurableState
 from client.training import LocalTrainer, Parameters
 from coordinator import wire
@@ -81,6 +81,7 @@ class Agent:
         self._leader_hint: str | None = None
         self._model_cache: dict[str, Parameters] = {}
         self._work: RoundWork | None = None
+        self._evaluated: set[str] = set()  # final-evaluation sessions answered
         self.residual_path = Path(state_dir) / RESIDUAL_FILE
         self._site = Site(site_id, identity_key, trainer, self.state, self.residual_path)
         self.stopped = threading.Event()
@@ -166,6 +167,9 @@ class Agent:
             self.stopped.wait(1.0)
             return False
         key = task.session
+        if task.stage == wire.EVAL_STAGE:
+            self._evaluate(task)
+            return False
         work = self._work
         if work is None or work.key != key:
             if self.state.joined(key):
@@ -197,6 +201,24 @@ class Agent:
             log.info("round %s.%s: %s", task.round, task.attempt, detail)
             self._finish(work, RoundOutcome(task.round, task.attempt, accepted, detail))
         return accepted and last_stage
+
+    def _evaluate(self, task: wire.Task) -> None:
+        """Report how a finished run's final model does on this site's records, once."""
+        if task.session in self._evaluated:
+            self.stopped.wait(0.5)
+            return
+        self._evaluated.add(task.session)
+        base = self._fetch_model(task.base)
+        if base is None:
+            return
+        try:
+            body = final_evaluation(self._site, task, base)
+        except Exception as exc:  # the site's own code or data: say so, keep serving
+            log.error("final evaluation of %s failed: %s", task.base[:12], exc)
+            return
+        reply = self._submit(body)
+        log.info("final model %s evaluated: %s (%s)", task.base[:12], body["metrics"],
+                 "accepted" if reply.get("ok") else reply.get("error"))
 
     def _unsettled(self) -> dict[str, Any]:
         runs = self.state.unsettled()

@@ -180,3 +180,14 @@ class RoundWork:
             request = secagg.UnmaskRequest.from_wire(task.payload.get("request"))
             return self._body(stage, secagg=self.client.unmask(request).to_wire())
         raise secagg.StageError(f"unknown stage {stage!r}")
+
+
+def final_evaluation(site: Site, task: wire.Task, base: Parameters) -> dict[str, Any]:
+    """The Submit body of a run's final evaluation: how `base`, the run's last model, does
+    on the site's own held-out records. Nothing trains and nothing is charged."""
+    with site.training:
+        ev = site.trainer.evaluate(base, task.config.training(task.round))
+    metrics = wire.check_site_metrics({"eval_accuracy": float(ev.metrics.get("accuracy", 0.0)),
+                                       "eval_loss": float(ev.loss)})
+    return wire.Submit(site=site.site_id, round=task.round, attempt=task.attempt,
+                       term=task.term, stage=task.stage, metrics=metrics).to_wire()

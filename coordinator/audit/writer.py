@@ -172,6 +172,9 @@ def _record(command: dict[str, Any], result: dict[str, Any],
                    "run": result.get("run")}
         payload.update({k: result[k] for k in ("operator", "node") if k in result})
         return "training_stopped", payload
+    if op == commands.RUN_EVALUATED:
+        return "run_evaluated", {k: result[k] for k in ("run", "version", "metrics",
+                                                        "site_metrics", "term")}
     if op == commands.LATE_CHARGE:
         return "charge_recorded", {"round": result["round"], "attempt": result["attempt"],
                                    "term": result["term"], "site": result["site"],

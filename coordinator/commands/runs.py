@@ -127,6 +127,29 @@ def follow_run(c: AdminClient, run_id: str, timeout: float, show: bool) -> dict[
     return st
 
 
+EVALUATION_WAIT_S = 60.0
+"""How long `run start` waits, after the run ends, for the sites' report on its final model."""
+
+
+def await_evaluation(c: AdminClient, run_id: str, st: dict[str, Any],
+                     seconds: float) -> dict[str, Any]:
+    """The status once the ended run's final model is evaluated (or `seconds` passed);
+    a run that committed no round of its own has nothing to evaluate."""
+    deadline = time.monotonic() + seconds
+    while True:
+        record = _run_of(st, run_id) or {}
+        rows = round_rows(st, record) if record else []
+        if (record.get("status", "running") == "running" or record.get("evaluation")
+                or not any(r["status"] == "committed" for r in rows)
+                or time.monotonic() > deadline):
+            return st
+        time.sleep(0.5)
+        try:
+            st = _status(c)
+        except (Unreachable, Refused):
+            continue
+
+
 def round_rows(st: dict[str, Any], record: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per round of the run: its outcome, attempts, survivors and metrics."""
     rows = []
@@ -153,6 +176,7 @@ def run_summary(st: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
     committed = [r for r in rows if r["status"] == "committed"]
     last = committed[-1] if committed else None
     return {**record, "rounds_committed": len(committed), "round_rows": rows,
+            "final_evaluation": record.get("evaluation"),
             "last_round": st["last_round"], "versions": [v["hash"] for v in st["versions"]],
             "final_version": last["version"] if last else record.get("base"),
             "final_site_metrics": last["site_metrics"] if last else {},
@@ -176,7 +200,16 @@ def print_run(summary: dict[str, Any]) -> None:
                   _num(m, "base_accuracy"), _num(m, "train_loss"), _num(m, "seconds"),
                   (r.get("version") or "-")[:12])
     console.print(t)
-    if summary["final_site_metrics"]:
+    evaluation = summary.get("final_evaluation")
+    if evaluation:
+        e = Table("site", "eval accuracy", "eval loss",
+                  title=f"final model {evaluation['version'][:12]}, as each site evaluated it")
+        for site, m in sorted(evaluation["site_metrics"].items()):
+            e.add_row(escape(site), _num(m, "eval_accuracy"), _num(m, "eval_loss"))
+        e.add_row("mean", _num(evaluation["metrics"], "eval_accuracy"),
+                  _num(evaluation["metrics"], "eval_loss"), style="bold")
+        console.print(e)
+    elif summary["final_site_metrics"]:
         s = Table("site", "eval accuracy", "eval loss", "train loss",
                   title="per site, as each reported the model it received in the last round")
         for site, m in sorted(summary["final_site_metrics"].items()):
@@ -212,6 +245,7 @@ def start_run(c: AdminClient, rounds: int, cfg: dict[str, Any], *, name: str | N
             f"run {r['run']} started: rounds {r['first_round']}-{r['target_round']}")
         return
     st = follow_run(c, r["run"], timeout, show=not as_json)
+    st = await_evaluation(c, r["run"], st, EVALUATION_WAIT_S)
     record = _run_of(st, r["run"])
     if record is None:  # a node from before runs: nothing more to say
         raise typer.Exit(EXIT_TIMEOUT)

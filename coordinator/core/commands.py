@@ -29,6 +29,7 @@ LATE_CHARGE = "late_charge"
 MEMBERSHIP = "membership"
 AUDIT_HEAD = "audit_head"
 QUARANTINE = "quarantine"
+RUN_EVALUATED = "run_evaluated"
 
 ROUND_EVENTS = frozenset({ROUND_OPEN, ROUND_ABORT, ROUND_COMMIT, CLAIM, REVOKE, QUARANTINE})
 """Ops after which sites waiting for a task may have a new answer."""
@@ -157,3 +158,11 @@ def quarantine(site: str, reason: str, rnd: int, attempt: int) -> Command:
     """The leader found `site` behind an invalid secure sum (see `round.hostile`)."""
     return {"op": QUARANTINE, "site": site, "reason": reason, "round": rnd, "attempt": attempt,
             "request_id": f"quarantine:{site}:{rnd}.{attempt}"}
+
+
+def run_evaluated(term: int, run: str, version: str, site_metrics: dict[str, dict[str, float]],
+                  metrics: dict[str, float]) -> Command:
+    """What the sites reported of a run's final model (`version`), after the run ended."""
+    return {"op": RUN_EVALUATED, "term": term, "run": run, "version": version,
+            "site_metrics": site_metrics, "metrics": metrics,
+            "request_id": f"run-evaluated:{run}:{version}"}

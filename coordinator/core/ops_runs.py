@@ -21,6 +21,7 @@ from coordinator.core.queries import (
     head,
     holders_quorum,
     last_round,
+    run_unevaluated,
     training_pending,
 )
 from coordinator.core.round_config import validate_round_config
@@ -146,3 +147,21 @@ def finish_round(state: State) -> None:
         if last_round(state) >= record["target_round"]:
             record["status"] = "completed"
 
+
+
+def run_evaluated(state: State, cmd: Command) -> Result:
+    """Record the sites' evaluation of a run's final model (fenced: the leader's)."""
+    term = need(cmd, "term", int)
+    if term != state["fence_term"]:
+        raise Rejected("stale_term", f"term {term} is not the fence {state['fence_term']}")
+    pending = run_unevaluated(state)
+    if pending is None or (cmd.get("run"), cmd.get("version")) != pending:
+        raise Rejected("not_evaluable", "that run's final model is not awaiting evaluation")
+    raw = cmd.get("site_metrics")
+    if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
+        raise Rejected("malformed", "site_metrics must map sites to metrics")
+    sites = {wire.site_id(k): wire.check_metrics(v) for k, v in sorted(raw.items())}
+    evaluation = {"version": pending[1], "metrics": wire.check_metrics(cmd.get("metrics", {})),
+                  "site_metrics": sites, "term": term}
+    state["runs"][pending[0]]["evaluation"] = evaluation
+    return {"run": pending[0], **evaluation}

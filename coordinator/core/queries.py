@@ -39,6 +39,21 @@ def open_round_cancelled(state: State) -> bool:
             or r["round"] > state["training"]["target_round"])
 
 
+def run_unevaluated(state: State) -> tuple[str, str] | None:
+    """(run, final version) of the newest run, once it has ended with a model of its own
+    that no evaluation has been recorded for; the leader then has sites evaluate it."""
+    runs = state.get("runs") or {}
+    if not runs or training_pending(state) or state["round"] is not None:
+        return None
+    record = runs[next(reversed(runs))]
+    if record["status"] == "running" or record.get("evaluation") is not None:
+        return None
+    final = state["versions"][-1]  # the run's own only if one of its rounds committed it
+    ours = final["parent"] is not None and (
+        record["first_round"] <= final["round"] <= record["target_round"])
+    return (record["id"], final["hash"]) if ours else None
+
+
 def quorum(cluster_size: int) -> int:
     return cluster_size // 2 + 1
 

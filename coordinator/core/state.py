@@ -63,6 +63,7 @@ OPS: dict[str, Callable[[State, Command], Result]] = {
     cmds.MEMBERSHIP: ops_cluster.membership,
     cmds.AUDIT_HEAD: ops_cluster.audit_head,
     cmds.QUARANTINE: ops_sites.quarantine,
+    cmds.RUN_EVALUATED: ops_runs.run_evaluated,
 }
 
 

@@ -25,10 +25,11 @@ from coordinator.cluster.metrics import NodeMetrics, StageClock
 from coordinator.cluster.presence import OnlineSites, TaskBell
 from coordinator.cluster.replica import CommandFailed, Replica
 from coordinator.core import commands
-from coordinator.core.queries import open_round_cancelled, quorum
+from coordinator.core.queries import open_round_cancelled, quorum, run_unevaluated
 from coordinator.round import policy
 from coordinator.round.aggregation import AggregationAbort, InvalidAggregate, make_aggregation
 from coordinator.round.charges import ChargePool
+from coordinator.round.evaluation import EvalSession, mean_metrics
 from coordinator.round.faults import FaultHold
 from coordinator.round.hostile import Search
 from coordinator.round.late import LateCharges
@@ -61,6 +62,7 @@ class RoundDriver:
         self.charges = charges or ChargePool()
         self.late = LateCharges(replica, self.charges)
         self.session: RoundSession | None = None
+        self.evaluation: EvalSession | None = None  # a finished run's final evaluation
         self._claimed_term: int | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -79,6 +81,9 @@ class RoundDriver:
 
     def task_for(self, site: str) -> wire.Task | None:
         """The task of the open stage for `site`, if it is expected and has not answered."""
+        ev = self.evaluation
+        if ev is not None:
+            return ev.task(site)
         s = self.session
         if s is None or s.phase != s.agg.sum.stage:
             return None
@@ -90,6 +95,11 @@ class RoundDriver:
 
     def accept(self, submit: wire.Submit) -> dict[str, Any]:
         """Take a site's answer to the open stage into the sum, or say why not."""
+        if submit.stage == wire.EVAL_STAGE:
+            ev = self.evaluation
+            reply = ev.accept(submit) if ev else wire.error("stale_round", "no evaluation is open")
+            self._notify()
+            return reply
         s = self.session
         if s is None:
             return wire.error("stale_round", f"round {submit.round}.{submit.attempt} "
@@ -186,7 +196,11 @@ class RoundDriver:
         if self._record_late(term):
             return
         if not view.pending:
-            self._idle(0.2)
+            ended = self.replica.state.read(run_unevaluated)
+            if ended is not None:
+                self._evaluate(term, view, *ended)
+            else:
+                self._idle(0.2)
             return
         rnd = view.last_round + 1
         reason = policy.give_up(view) or policy.cannot_sample(
@@ -233,6 +247,44 @@ class RoundDriver:
         log.info("round %s.%s aborted (%s): %s", rnd, attempt, reason, r,
                  extra={"event": "round_aborted", "round": rnd, "attempt": attempt, "term": term,
                         "reason": reason, "applied": bool(r.get("ok"))})
+
+    def _evaluate(self, term: int, view: LeaderView, run: str, version: str) -> None:
+        """Send a finished run's final model to the online sites and record what they
+        report of it. No site online within `online_wait_s` records an empty evaluation:
+        a run is evaluated once, not waited on for ever."""
+        config = view.config
+        deadline = time.monotonic() + config.online_wait_s
+        def current() -> bool:  # a new run, or a fresh model, ends the evaluation unrecorded
+            return (self._leading(term)
+                    and self.replica.state.read(run_unevaluated) == (run, version))
+
+        while not (online := self.online.online() & set(view.eligible)):
+            if not current():
+                return
+            if time.monotonic() > deadline:
+                break
+            self.bell.wait(0.2)
+        ev = EvalSession(run=run, version=version, round=view.last_round, term=term,
+                         participants=frozenset(online), config=config,
+                         federation=view.genesis or "",
+                         deadline=time.monotonic() + config.stage_timeout_s)
+        self.evaluation = ev
+        self._notify()
+        try:
+            while online and not ev.done():
+                if not current():
+                    return
+                self._idle(0.05)
+        finally:
+            self.evaluation = None
+        with ev.lock:
+            reported = dict(ev.reported)
+        r = self._submit(commands.run_evaluated(term, run, version, reported,
+                                                mean_metrics(reported)))
+        log.info("run %s final model %s evaluated by %d of %d sites: %s", run, version[:12],
+                 len(reported), len(online), r.get("metrics") if r["ok"] else r["error"],
+                 extra={"event": "run_evaluated", "run": run, "version": version,
+                        "sites": sorted(reported), "applied": bool(r["ok"])})
 
     def _sample(self, term: int, view: LeaderView) -> list[str] | None:
         """Wait for enough sites online, then sample; None when leadership was lost."""

@@ -41,8 +41,11 @@ HEX64_CHARS = frozenset("0123456789abcdef")
 
 PLAIN_STAGES = ("collect",)
 SECURE_STAGES = ("advertise", "share", "masked", "unmask")
-STAGES = (*PLAIN_STAGES, *SECURE_STAGES)
-"""A round's stages as sites see them: `collect` without secure aggregation, else SecAgg+'s."""
+EVAL_STAGE = "evaluate"
+"""Not a round's stage: a run's final model, sent to sites that report their evaluation."""
+STAGES = (*PLAIN_STAGES, *SECURE_STAGES, EVAL_STAGE)
+"""Stages as sites see them: `collect` without secure aggregation, else SecAgg+'s; and the
+final evaluation of a run."""
 
 
 # ---------------------------------------------------------------- errors

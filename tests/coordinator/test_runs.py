@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 from coordinator.audit.store import open_readonly
 from coordinator.audit.writer import audit_record
+from coordinator.core.queries import run_unevaluated
 from coordinator.core.state import apply, initial_state
 from coordinator.demo.cluster import LocalCluster
 
@@ -55,6 +56,15 @@ def test_runs_follow_one_another_with_ids_status_and_fresh_models() -> None:
     assert _round(s, 1, 1, V0, V1)["ok"]
     run1 = s["runs"]["run-1"]
     assert run1["status"] == "completed" and run1["task"] == "digits" and run1["base"] == V0
+    # its final model awaits the sites' evaluation, recorded once, by the fenced leader
+    assert run_unevaluated(s) == ("run-1", V1)
+    evaluated = {"op": "run_evaluated", "term": 2, "run": "run-1", "version": V1,
+                 "site_metrics": {"a": {"eval_accuracy": 0.9}}, "metrics": {"eval_accuracy": 0.9}}
+    assert apply(s, evaluated | {"term": 1})["code"] == "stale_term"
+    assert apply(s, evaluated | {"version": V0})["code"] == "not_evaluable"
+    assert apply(s, evaluated)["ok"] and run1["evaluation"]["site_metrics"] == {
+        "a": {"eval_accuracy": 0.9}}
+    assert run_unevaluated(s) is None and apply(s, evaluated)["ok"] is False
     assert s["history"][1]["committed"]["site_metrics"] == {"a": {"eval_accuracy": 0.5}}
     # a second experiment from a fresh model: it takes round 2 for its genesis
     assert _genesis(s, V1, fresh=True)["code"] == "exists"  # a committed version is no genesis
@@ -66,6 +76,7 @@ def test_runs_follow_one_another_with_ids_status_and_fresh_models() -> None:
     assert apply(s, {"op": "train", "rounds": 1, "run": "run-1"})["code"] == "exists"
     assert apply(s, {"op": "train", "rounds": 1, "run": "bad id!"})["code"] == "malformed"
     second = apply(s, {"op": "train", "rounds": 3, "run": "exp-2"})
+    assert run_unevaluated(s) is None  # run-1's model is no longer the newest
     assert second["first_round"] == 3 and s["runs"]["exp-2"]["fresh"] is True
     assert s["runs"]["exp-2"]["base"] == V2
 
@@ -121,6 +132,12 @@ def test_run_start_list_show_stop_through_the_cli(make_cluster, tmp_path: Path) 
     assert [r["round"] for r in one["round_rows"]] == [1, 2]
     assert one["final_version"] == one["versions"][-1] == one["round_rows"][-1]["version"]
     assert sorted(one["final_site_metrics"]) == ["site-1", "site-2"]
+    # the final model went back to the sites, which report how it does on their records
+    final = one["final_evaluation"]
+    assert final["version"] == one["final_version"] and sorted(final["site_metrics"]) == [
+        "site-1", "site-2"]
+    accuracies = [m["eval_accuracy"] for m in final["site_metrics"].values()]
+    assert final["metrics"]["eval_accuracy"] == sum(accuracies) / 2 and min(accuracies) > 0.5
     assert all(0.0 <= m["eval_accuracy"] <= 1.0 for m in one["final_site_metrics"].values())
     again = _fedraft(c, "run", "start", "--name", "first", "--rounds", "1", "--no-wait")
     assert again.returncode == 1 and "already is a run 'first' (completed)" in again.stderr
@@ -160,5 +177,7 @@ def test_run_start_list_show_stop_through_the_cli(make_cluster, tmp_path: Path) 
     committed = [e.payload for e in entries if e.kind == "round_committed"]
     assert committed[0]["run"] == "first" and committed[-1]["run"] == "second"
     assert committed[0]["actor"].startswith("node:") and committed[0]["site_metrics"]
+    evaluated = [e.payload for e in entries if e.kind == "run_evaluated"]
+    assert evaluated[0]["run"] == "first" and evaluated[0]["site_metrics"] == final["site_metrics"]
     opened = [e.payload for e in entries if e.kind == "round_opened"]
     assert opened[0]["config"]["secure_aggregation"] is False
