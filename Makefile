@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -e '.[dev]'
+	# tests/audit/test_console.py drives Debian's chromium through Playwright (no browser download)
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
 	touch $(STAMP)
 
 .PHONY: setup demo test test-slow lint

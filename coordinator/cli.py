@@ -10,6 +10,7 @@ one line); 2 bad usage or configuration; 3 no node answered; 4 a wait timed out.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import typer
@@ -45,6 +46,8 @@ def main() -> None:
     from coordinator.lifeline import bind_to_parent
 
     bind_to_parent()
+    if not sys.stdout.isatty():  # piped or captured: tables are not cut at 80 columns
+        os.environ.setdefault("COLUMNS", "200")
     logging.getLogger("pysyncobj").setLevel(logging.WARNING)
     try:
         app()

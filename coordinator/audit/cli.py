@@ -126,6 +126,12 @@ def _open(db: str | None, bundle: Path | None) -> AuditStore | Bundle:
     url = db or os.environ.get(ENV_DB)
     if not url:
         _fail(EXIT_USAGE, f"no audit log given: use --db URL, {ENV_DB}, or --bundle DIR")
+    scheme = url.partition(":")[0].partition("+")[0]
+    if scheme not in ("sqlite", "postgresql"):
+        what = (f"unsupported database URL {url.partition(':')[0]}:..." if ":" in url
+                else f"{url!r} is not a database URL")
+        _fail(EXIT_USAGE, f"{what}: the audit log is in SQLite (sqlite:///path) or "
+                          "PostgreSQL (postgresql+psycopg://...)")
     if url.startswith("sqlite:///"):
         path = url.removeprefix("sqlite:///").split("?", 1)[0]
         if path and path != ":memory:" and not Path(path).exists():
@@ -536,6 +542,52 @@ def report_cmd(
         raise typer.Exit(EXIT_BAD)
     if not report.genesis_pinned:
         raise typer.Exit(EXIT_UNPINNED)
+
+
+@audit_app.command("serve")
+def serve_cmd(
+    ca: Annotated[Path, typer.Option(help="Federation CA (PEM); client certificates must be "
+                                     "signed by it.", dir_okay=False)],
+    cert: Annotated[Path, typer.Option(help="Certificate the console presents, e.g. the "
+                                       "auditor's own.", dir_okay=False)],
+    key_file: Annotated[Path | None, typer.Option(help="Its key (default: --cert with .key).",
+                                                  dir_okay=False)] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: any free one).", min=0, max=65535)] = 7400,
+    key: KeyOpt = None,
+    head: Annotated[str | None, typer.Option(help="Signed audit head JSON (or -) pinning the "
+                                             "signer, as for verify.")] = None,
+    charges: Annotated[bool, typer.Option(help="Recompute privacy charges (slow).")] = False,
+    recheck: Annotated[float, typer.Option(help="Re-verify a log that did not grow after this "
+                                           "many seconds (0: every request).", min=0)] = 10.0,
+    db: DbOpt = None,
+    bundle: BundleOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Read-only web console over the log for auditor certificates (mutual TLS), until
+    interrupted; --json prints one line with its URL once it listens."""
+    from coordinator.audit.console.launch import LaunchError, launch
+
+    try:
+        genesis_key = load_public_key(key) if key else None
+    except (AuditKeyError, OSError) as exc:
+        _fail(EXIT_USAGE, f"unusable --key: {exc}")
+    trusted = _load_head(head) if head is not None else None
+    source = _open(db, bundle)
+
+    def ready(info: dict[str, Any]) -> None:
+        if as_json:
+            return _emit_json(info)
+        _out().print(escape(f"console for {info['source']} at {info['url']} (log: "
+                            f"{info['status']}); Ctrl+C stops it"))
+
+    try:
+        launch(source, genesis_key=genesis_key, head=trusted, charges=charges, recheck=recheck,
+               tls=(ca, cert, key_file), address=(host, port), on_ready=ready)
+    except LaunchError as exc:
+        _fail(EXIT_USAGE, str(exc))
+    finally:
+        _close(source)
 
 
 if __name__ == "__main__":  # pragma: no cover

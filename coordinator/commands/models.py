@@ -10,6 +10,7 @@ import typer
 from coordinator import wire
 from coordinator.commands.common import (
     EXIT_REFUSED,
+    EXIT_USAGE,
     AdminOpt,
     CaOpt,
     CertOpt,
@@ -30,9 +31,14 @@ model_app = typer.Typer(help="Upload the genesis model, export versions.", no_ar
 def model_init(path: Annotated[Path, typer.Argument(help="safetensors file of float32 tensors")],
                config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt = None,
                cert: CertOpt = None, key: KeyOpt = None, as_json: JsonOpt = False) -> None:
-    """Upload version 0 (fedraft-client init-model --task T writes one)."""
+    """Upload version 0 (fedraft-client init-model --task T writes one); a later run
+    that starts from a fresh model uploads it with `fedraft run start --model`."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        err.print(f"[red]cannot read the model file[/] {path}: {exc.strerror or exc}")
+        raise typer.Exit(EXIT_USAGE) from None
     c = operator_client(config, admin, ca, cert, key)
-    data = path.read_bytes()
     r = run(lambda: c.call("InitModel", {"data": data}))
     emit(r) if as_json else console.print(f"genesis model {r['version']}")
 
@@ -42,6 +48,11 @@ def model_export(version: str, output: Annotated[Path, typer.Option("-o", "--out
                  config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt = None,
                  cert: CertOpt = None, key: KeyOpt = None, as_json: JsonOpt = False) -> None:
     """Write a model version (full sha256, a unique prefix, or 'latest') to a file."""
+    folder = output.parent if str(output.parent) else Path(".")
+    if not folder.is_dir() or output.is_dir():
+        err.print(f"[red]cannot write {output}:[/] " + (
+            "it is a directory" if output.is_dir() else f"no directory {folder}"))
+        raise typer.Exit(EXIT_USAGE)
     c = operator_client(config, admin, ca, cert, key)
     st = run(lambda: c.call("RoundStatus"))
     hashes = [v["hash"] for v in st["versions"]]
