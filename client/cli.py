@@ -40,11 +40,16 @@ def _trainer_from_config(cfg: SiteConfig) -> LocalTrainer:
     """The site's trainer: a built-in task or a hosted Flower app, inside record-level or
     client-level DP when site.toml gives the site a budget of its own ([privacy])."""
     if cfg.flower_app:
-        from client.training.flower_host import FlowerAppTrainer
+        from client.training.flower_host import FlowerAppError, FlowerAppTrainer
 
+        # [data] is the app's node_config; its run_config comes from its pyproject.toml
+        # and, each round, from the federation's settings (see flower_host)
         node_config = {"partition-id": cfg.data.get("partition", 0),
                        "num-partitions": cfg.data.get("num_partitions", 1)}
-        hosted = FlowerAppTrainer(cfg.flower_app, run_config={}, node_config=node_config)
+        try:
+            hosted = FlowerAppTrainer(cfg.flower_app, node_config=node_config, app_dir=cfg.app_dir)
+        except FlowerAppError as exc:
+            raise SiteConfigError(f"task.flower_app: {exc}") from None
         if cfg.privacy is None:
             return hosted
         return _client_level_dp(cfg, cfg.privacy, hosted)
@@ -181,9 +186,14 @@ def import_(
         "enrolled one")],
     directory: Annotated[Path, typer.Option("--dir", help="site directory to write")] = Path("."),
     task: Annotated[str | None, typer.Option(help="built-in task name, e.g. breast_cancer")] = None,
-    flower_app: Annotated[str | None, typer.Option(help="module:attribute of a Flower ClientApp")] = None,
-    partition: Annotated[int, typer.Option(help="built-in tasks: this site's data shard")] = 0,
-    num_partitions: Annotated[int, typer.Option(help="built-in tasks: number of shards")] = 1,
+    flower_app: Annotated[str | None, typer.Option(
+        help="a Flower app: its `flwr new` project directory, or module:attribute of its ClientApp")] = None,
+    app_dir: Annotated[str | None, typer.Option(
+        help="with --flower-app module:attribute: the directory holding its package")] = None,
+    partition: Annotated[int, typer.Option(
+        help="this site's data shard (a Flower app's node_config partition-id)")] = 0,
+    num_partitions: Annotated[int, typer.Option(
+        help="number of shards (a Flower app's node_config num-partitions)")] = 1,
     ca_sha256: Annotated[str | None, typer.Option(
         help="refuse unless the bundle's CA has this sha256 (the operator prints it)")] = None,
     force: Annotated[bool, typer.Option(help="replace files from an earlier import (site.toml "
@@ -201,7 +211,7 @@ def import_(
                 raise BundleError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
         done = import_bundle(bundle, identity_key, directory, task=task, flower_app=flower_app,
                              partition=partition, num_partitions=num_partitions,
-                             ca_sha256=ca_sha256, force=force)
+                             ca_sha256=ca_sha256, force=force, app_dir=app_dir)
     except (BundleError, OSError) as exc:
         if as_json:
             print(json.dumps({"ok": False, "error": str(exc)}))
@@ -222,7 +232,10 @@ def init_model(
     out: Annotated[Path, typer.Option("--out", "-o")],
     task: Annotated[str | None, typer.Option(help="built-in task name")] = None,
     flower_app: Annotated[str | None, typer.Option(
-        help="module:attribute of a Flower ClientApp answering the initial_parameters query")] = None,
+        help="a Flower app's `flwr new` project directory (its ServerApp's initial arrays), or "
+             "module:attribute of a ClientApp answering @app.query('initial_parameters')")] = None,
+    app_dir: Annotated[str | None, typer.Option(
+        help="with --flower-app module:attribute: the directory holding its package")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
@@ -232,11 +245,14 @@ def init_model(
     if (task is None) == (flower_app is None):
         err.print("[red]give exactly one of --task and --flower-app[/]")
         raise typer.Exit(2)
+    if app_dir is not None and flower_app is None:
+        err.print("[red]--app-dir goes with --flower-app[/]")
+        raise typer.Exit(2)
     if flower_app is not None:
         from client.training.flower_host import FlowerAppError, FlowerAppTrainer
 
         try:
-            params = FlowerAppTrainer(flower_app).initial_parameters()
+            params = FlowerAppTrainer(flower_app, app_dir=app_dir, seed=seed).initial_parameters()
         except FlowerAppError as exc:
             err.print(f"[red]cannot use the Flower app:[/] {exc}")
             raise typer.Exit(2) from None
@@ -285,6 +301,8 @@ def main() -> None:
     from coordinator.lifeline import bind_to_parent
 
     bind_to_parent()
+    if not sys.stdout.isatty():  # piped or captured: tables are not cut at 80 columns
+        os.environ.setdefault("COLUMNS", "200")
     try:
         app()
     except BrokenPipeError:

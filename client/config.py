@@ -72,6 +72,7 @@ class SiteConfig:
     key: Path
     task: str | None = "breast_cancer"
     flower_app: str | None = None
+    app_dir: Path | None = None
     device: str = "auto"
     seed: int = 0
     data: dict[str, Any] = field(default_factory=dict)
@@ -83,7 +84,7 @@ class SiteConfig:
 _SECTIONS = {
     "site": {"id": str, "nodes": list, "state_dir": str, "identity_key": str, "poll_wait_s": float},
     "tls": {"ca": str, "cert": str, "key": str},
-    "task": {"name": str, "flower_app": str, "device": str, "seed": int, "threads": int},
+    "task": {"name": str, "flower_app": str, "app_dir": str, "device": str, "seed": int, "threads": int},
     "privacy": {"epsilon": float, "delta": float, "planned_rounds": int, "clip_norm": float,
                 "sample_rate": float, "local_epochs": int},
     "data": {"dataset": str, "partition": int, "num_partitions": int, "split": str, "alpha": float,
@@ -121,6 +122,19 @@ def _check_range(section: str, key: str, value: Any) -> None:
 def _endpoint(value: Any) -> bool:
     return (isinstance(value, str) and _ENDPOINT.fullmatch(value) is not None
             and 0 < int(value.rpartition(":")[2]) < 65536)
+
+
+def _task_source(section: Mapping[str, Any], base: Path) -> tuple[str | None, str | None, Path | None]:
+    """(built-in task, Flower app, app directory); paths are relative to site.toml's directory.
+    A Flower app without ':' is its `flwr new` project directory."""
+    task, flower_app, app_dir = section.get("name"), section.get("flower_app"), section.get("app_dir")
+    if (task is None) == (flower_app is None):
+        raise SiteConfigError("task.name: set exactly one of task.name and task.flower_app")
+    if app_dir is not None and flower_app is None:
+        raise SiteConfigError("task.app_dir: goes with task.flower_app (the directory its package is in)")
+    if flower_app is not None and ":" not in flower_app:
+        flower_app = str(base / Path(flower_app).expanduser())
+    return task, flower_app, base / Path(app_dir).expanduser() if app_dir is not None else None
 
 
 def load_site_config(path: Path) -> SiteConfig:
@@ -181,10 +195,7 @@ def load_site_config(path: Path) -> SiteConfig:
     data = values["data"]
     if data.get("partition", 0) >= data.get("num_partitions", 1):
         raise SiteConfigError("data.partition: must be below data.num_partitions")
-    task = values["task"].get("name")
-    flower_app = values["task"].get("flower_app")
-    if (task is None) == (flower_app is None):
-        raise SiteConfigError("task.name: set exactly one of task.name and task.flower_app")
+    task, flower_app, app_dir = _task_source(values["task"], base)
     return SiteConfig(
         site_id=need("site", "id"),
         nodes=tuple(nodes),
@@ -195,6 +206,7 @@ def load_site_config(path: Path) -> SiteConfig:
         key=path_of("tls", "key"),
         task=task,
         flower_app=flower_app,
+        app_dir=app_dir,
         device=values["task"].get("device", "auto"),
         seed=values["task"].get("seed", 0),
         data=values["data"],

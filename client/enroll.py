@@ -195,8 +195,11 @@ def _toml_str(value: str) -> str:
 
 
 def render_site_toml(bundle: SiteBundle, identity_key: str, task: str | None,
-                     flower_app: str | None, partition: int, num_partitions: int) -> str:
-    """site.toml for client/config.py, TLS paths relative to the file's own directory."""
+                     flower_app: str | None, partition: int, num_partitions: int,
+                     app_dir: str | None = None) -> str:
+    """site.toml for client/config.py, TLS paths relative to the file's own directory. The
+    [data] shard is written for a Flower app too: it becomes the app's node_config
+    (``partition-id``, ``num-partitions``), so each site trains on its own share."""
     nodes = ", ".join(_toml_str(n) for n in bundle.nodes)
     b = bundle.budget
     lines = [
@@ -209,36 +212,42 @@ def render_site_toml(bundle: SiteBundle, identity_key: str, task: str | None,
         "[tls]", 'ca = "ca.pem"', f"cert = {_toml_str(bundle.site + '.pem')}",
         f"key = {_toml_str(bundle.site + '.key')}", "", "[task]",
         f"name = {_toml_str(task)}" if task else f"flower_app = {_toml_str(flower_app or '')}",
+        *([f"app_dir = {_toml_str(app_dir)}"] if app_dir else []),
         'device = "auto"', "",
+        "[data]", f"partition = {partition}", f"num_partitions = {num_partitions}", "",
     ]
-    if task:
-        lines += ["[data]", f"partition = {partition}", f"num_partitions = {num_partitions}", ""]
     return "\n".join(lines)
 
 
-def _check_app(app_ref: str) -> None:
-    """Refuse, before writing anything, a Flower app reference the agent could not load."""
+def _check_app(app_ref: str, app_dir: str | None) -> tuple[str, str | None]:
+    """Refuse, before writing anything, a Flower app the agent could not load; return the
+    reference and app directory as site.toml keeps them (directories made absolute, so
+    the agent finds them wherever it starts)."""
     from client.training.flower_host import FlowerAppError, load_client_app
 
     try:
-        load_client_app(app_ref)
+        load_client_app(app_ref, app_dir)
     except FlowerAppError as exc:
-        raise BundleError(f"{exc} (run the agent where that package is installed or "
-                          "importable)") from None
+        raise BundleError(str(exc)) from None
+    if Path(app_ref).expanduser().is_dir():
+        app_ref = str(Path(app_ref).expanduser().resolve())
+    return app_ref, str(Path(app_dir).expanduser().resolve()) if app_dir is not None else None
 
 
 def import_bundle(bundle_path: Path, identity_key_path: Path, directory: Path,
                   task: str | None = None, flower_app: str | None = None, partition: int = 0,
                   num_partitions: int = 1, ca_sha256: str | None = None,
-                  force: bool = False) -> Imported:
+                  force: bool = False, app_dir: str | None = None) -> Imported:
     """Check the bundle and identity key, then write ca.pem, SITE.pem, SITE.key (0600) and
     site.toml into `directory` all together; any refusal leaves the disk as it was."""
     if (task is None) == (flower_app is None):
         raise BundleError("give exactly one of --task and --flower-app")
+    if app_dir is not None and flower_app is None:
+        raise BundleError("--app-dir goes with --flower-app")
     if partition < 0 or num_partitions < 1 or partition >= num_partitions:
         raise BundleError("need 0 <= --partition < --num-partitions")
     if flower_app is not None:
-        _check_app(flower_app)
+        flower_app, app_dir = _check_app(flower_app, app_dir)
     try:
         data = Path(bundle_path).read_bytes()
     except OSError as exc:
@@ -257,7 +266,7 @@ def import_bundle(bundle_path: Path, identity_key_path: Path, directory: Path,
         f"{bundle.site}.pem": (bundle.cert_pem, 0o644),
         f"{bundle.site}.key": (bundle.key_pem, 0o600),
         "site.toml": (render_site_toml(bundle, identity, task, flower_app, partition,
-                                       num_partitions).encode(), 0o644),
+                                       num_partitions, app_dir).encode(), 0o644),
     }
     existing = [name for name in outputs if (directory / name).exists()]
     if existing and not force:

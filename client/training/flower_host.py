@@ -5,6 +5,11 @@ Sites that already have Flower training code keep it: the agent loads their
 and calls it directly for every round. No SuperLink, no SuperNode, no process per
 message: a call is a Python function call on the arrays the agent already holds.
 
+The app (``resolve_app``): a ``flwr new`` project directory (``pyproject.toml`` names the
+apps in ``[tool.flwr.app.components]``, run config defaults in ``[tool.flwr.app.config]``)
+or ``"package.module:attribute"`` with an optional ``app_dir``; that directory goes first
+on ``sys.path``, so no PYTHONPATH is needed.
+
 Message conventions (those of Flower's own ``FedAvg`` strategy and app templates):
 
 train (``message_type="train"``)
@@ -17,36 +22,46 @@ evaluate (``message_type="evaluate"``)
     reply: ``"metrics"`` MetricRecord with ``"num-examples"``, the loss under ``"loss"``
     or ``"eval_loss"``, accuracy under ``"accuracy"`` or ``"eval_acc"`` (reported as
     ``"accuracy"``); other scalar metrics are passed on.
-initial parameters
-    Flower has no client-side convention for them (its ServerApp builds version 0).
-    fedraft uses, in order: (1) the ``initial_parameters`` argument given alongside
-    the app, a callable returning ``Parameters``; (2) a query handler the app
-    registered as ``@app.query("initial_parameters")``: it gets a
-    ``"query.initial_parameters"`` message with an empty ``"config"`` and must reply
-    with an ``"arrays"`` ArrayRecord. With neither, ``initial_parameters()`` raises
-    ``FlowerAppError``. The first answer is kept, so every call returns the same
-    weights.
+initial parameters (version 0, ``fedraft-client init-model``), the first of: (1) an
+    ``initial_parameters`` callable given to the trainer; (2) an
+    ``@app.query("initial_parameters")`` handler replying with an ``"arrays"``
+    ArrayRecord; (3) the project's ServerApp, whose ``@app.main()`` runs with the run
+    config until it calls ``strategy.start(initial_arrays=...)`` on a flwr strategy (or
+    a hand-written loop sends its first ArrayRecord): those arrays are kept and the main
+    is stopped there, nothing trained (its stdout goes to stderr). Else ``FlowerAppError``.
 
-The ``config`` mapping becomes a ``ConfigRecord``: numpy scalars become Python scalars,
-``None`` values are left out (Flower has no null), nested mappings are flattened with
-``"."`` between keys (as Flower flattens nested run config); anything else that a
-``ConfigRecord`` cannot hold raises ``TypeError``.
+``context.run_config`` (``run_config_for``): the project's defaults (flattened with ``"."``
+as Flower does), the ``run_config`` argument, then per call the round's settings under
+Flower's usual names (``RUN_CONFIG_FROM_TASK``: ``local_epochs`` -> ``"local-epochs"``,
+``lr`` -> ``"learning-rate"`` and ``"lr"``, ``batch_size`` -> ``"batch-size"``, ``round``
+-> ``"server-round"``), last a ``run_config`` mapping in the round's config if one is sent.
+So the operator's settings reach the app (and may change between rounds).
 
-Pinned to flwr 1.41.0 (see pyproject). Everything that depends on Flower internals
-(building a ``Message`` with explicit ``Metadata`` instead of the constructor that
-reads the process-global ``TaskIdentity``, calling ``ClientApp.__call__`` directly,
-peeking at registered handlers, switching telemetry off after import) is in
-``_FLWR_PINNED`` and ``_invoke_client_app`` below; re-check them on any upgrade.
+The message's ``ConfigRecord`` is the round's config less ``run_config``, plus
+``"server-round"`` (as Flower's strategies add): numpy scalars become Python ones, ``None``
+is left out, nested mappings are flattened with ``"."``; anything else is a ``TypeError``.
+
+Pinned to flwr 1.41.0 (see pyproject). What depends on Flower internals (``Message``
+with explicit ``Metadata``, not the constructor reading the process-global
+``TaskIdentity``; calling ``ClientApp.__call__``; peeking at registered handlers;
+telemetry off after import; stopping a ServerApp at ``Strategy.start``) is in "the
+fragile part" below; re-check it on any upgrade.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import random
+import sys
 import threading
 import time
+import tomllib
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,6 +92,15 @@ _FLWR_PINNED = "1.41.0"
 _SERVER_NODE_ID = 1  # flwr.common.constant.SUPERLINK_NODE_ID in 1.41.0
 INITIAL_PARAMETERS_ACTION = "initial_parameters"
 
+RUN_CONFIG_FROM_TASK: dict[str, tuple[str, ...]] = {
+    "local_epochs": ("local-epochs",),
+    "lr": ("learning-rate", "lr"),
+    "batch_size": ("batch-size",),
+    "round": ("server-round",),
+}
+"""The round's training settings (``TaskConfig.training``) under the ``run_config`` names
+Flower apps read; the one place this mapping lives."""
+
 
 def _disable_flwr_telemetry() -> None:
     """Belt and braces: if flwr was imported before this module, telemetry read its
@@ -96,73 +120,160 @@ class FlowerAppError(RuntimeError):
     """The hosted ClientApp could not be loaded, failed, or broke the message contract."""
 
 
-def load_client_app(app_ref: str) -> ClientApp:
-    """Import ``"package.module:attribute"`` (attribute may be dotted) as a ClientApp."""
-    module_name, sep, attr_path = app_ref.partition(":")
+# --- where the app comes from: a `flwr new` project directory or module:attribute ------
+
+
+@dataclass(frozen=True)
+class FlowerApp:
+    """A resolved app: what to import, the directory to import it from, and the project's
+    ``[tool.flwr.app.config]`` defaults (flattened)."""
+
+    clientapp: str
+    serverapp: str | None = None
+    app_dir: Path | None = None
+    run_config: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, full))
+        else:
+            flat[full] = value
+    return flat
+
+
+def _project(directory: Path, clientapp: str | None) -> FlowerApp:
+    """The app of ``directory``, read from its ``pyproject.toml`` when it has one."""
+    path = directory / "pyproject.toml"
+    app: Any = {}
+    if path.is_file():
+        try:
+            app = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise FlowerAppError(f"cannot read {path}: {exc.strerror or exc}") from None
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise FlowerAppError(f"{path} is not valid TOML ({_one_line(exc)}); fix the file") from None
+    for key in ("tool", "flwr", "app"):  # [tool.flwr.app]
+        app = app.get(key, {}) if isinstance(app, dict) else {}
+    components = app.get("components", {}) if isinstance(app, dict) else {}
+    components = components if isinstance(components, dict) else {}
+    clientapp = clientapp or components.get("clientapp")
+    if not isinstance(clientapp, str) or not clientapp:
+        raise FlowerAppError(f"{path} names no ClientApp; add [tool.flwr.app.components] "
+                             'clientapp = "package.client_app:app"')
+    serverapp = components.get("serverapp")
+    config = app.get("config", {}) if isinstance(app, dict) else {}
+    return FlowerApp(clientapp, serverapp if isinstance(serverapp, str) and serverapp else None,
+                     directory.resolve(), _flatten(config if isinstance(config, dict) else {}))
+
+
+def resolve_app(ref: str, app_dir: str | Path | None = None) -> FlowerApp:
+    """Turn ``--flower-app`` (and ``--app-dir``) into a ``FlowerApp``: a directory is read
+    as a ``flwr new`` project, anything else must be ``package.module:attribute``."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if app_dir is not None:
+            raise FlowerAppError(f"{ref} is a project directory already; drop --app-dir (it goes "
+                                 "with a 'package.module:attribute' reference)")
+        if not (path / "pyproject.toml").is_file():
+            raise FlowerAppError(f"{ref} has no pyproject.toml; give the project directory `flwr new` "
+                                 "made, or 'package.module:attribute' with --app-dir")
+        return _project(path, None)
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise FlowerAppError(f"app reference {ref!r} must look like 'package.module:attribute' "
+                             "or be a Flower app project directory (one with pyproject.toml)")
+    if app_dir is None:
+        return FlowerApp(ref)
+    directory = Path(app_dir).expanduser()
+    if not directory.is_dir():
+        raise FlowerAppError(f"app directory {app_dir} does not exist; give the directory that "
+                             f"holds package {module_name.split('.')[0]!r}")
+    return _project(directory, ref)
+
+
+def _import_attr(ref: str, app_dir: Path | None, kind: type) -> Any:
+    """Import ``module:attribute`` (attribute may be dotted), ``app_dir`` first on sys.path."""
+    module_name, sep, attr_path = ref.partition(":")
     if not sep or not module_name or not attr_path:
-        raise FlowerAppError(f"app reference {app_ref!r} must look like 'package.module:attribute'")
+        raise FlowerAppError(f"app reference {ref!r} must look like 'package.module:attribute'")
+    if app_dir is not None and str(app_dir) not in sys.path:
+        sys.path.insert(0, str(app_dir))
     try:
         obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise FlowerAppError(f"cannot import module {module_name!r} of {app_ref!r}: {exc}") from exc
+    except ModuleNotFoundError as exc:
+        where = f"from {app_dir}" if app_dir is not None else "(not on sys.path)"
+        hint = "" if app_dir is not None else ("; give the app's project directory as --flower-app, "
+                                               "or --app-dir DIR holding the package")
+        raise FlowerAppError(f"cannot import module {module_name!r} of {ref!r} {where}: "
+                             f"{_one_line(exc)}{hint}") from exc
+    except Exception as exc:  # the app's own module failed while importing
+        raise FlowerAppError(f"cannot import module {module_name!r} of {ref!r}: it raised "
+                             f"{type(exc).__name__}: {_one_line(exc)}") from exc
     for part in attr_path.split("."):
         if not hasattr(obj, part):
-            raise FlowerAppError(f"{app_ref!r}: no attribute {part!r}")
+            raise FlowerAppError(f"{ref!r}: no attribute {part!r}")
         obj = getattr(obj, part)
-    if not isinstance(obj, ClientApp):
-        raise FlowerAppError(f"{app_ref!r} is a {type(obj).__name__}, not a flwr ClientApp")
+    if not isinstance(obj, kind):
+        raise FlowerAppError(f"{ref!r} is a {type(obj).__name__}, not a flwr {kind.__name__}")
     return obj
+
+
+def load_client_app(app_ref: str, app_dir: str | Path | None = None) -> ClientApp:
+    """The ClientApp that ``app_ref`` (a project directory or module:attribute) names."""
+    app = resolve_app(app_ref, app_dir)
+    return _import_attr(app.clientapp, app.app_dir, ClientApp)
+
+
+def run_config_for(base: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+    """``context.run_config`` for one call: ``base``, the round's settings renamed by
+    ``RUN_CONFIG_FROM_TASK``, then the round's own ``run_config`` mapping if any."""
+    merged = dict(base)
+    for source, names in RUN_CONFIG_FROM_TASK.items():
+        if config.get(source) is not None:
+            merged.update(dict.fromkeys(names, _config_value(source, config[source])))
+    extra = config.get("run_config")
+    if isinstance(extra, Mapping):
+        merged.update({k: _config_value(k, v) for k, v in _flatten(extra).items()})
+    return merged
 
 
 # --- the fragile part: everything that depends on flwr 1.41.0 internals ---------------
 
 
-def _invoke_client_app(
-    app: ClientApp,
-    context: Context,
-    content: RecordDict,
-    message_type: str,
-    group_id: str = "",
-) -> Message:
+def _invoke_client_app(app: ClientApp, context: Context, content: RecordDict, message_type: str,
+                       group_id: str = "") -> Message:
     """Deliver one instruction message to ``app`` in-process and return its reply.
 
-    Mirrors what flwr 1.41.0's ``flwr-clientapp`` process does after pulling a message
-    (``supernode/runtime/run_clientapp.py``: ``client_app(message=..., context=...)``),
-    minus the process, the network and the FAB install. The message is built with
-    explicit ``Metadata`` because ``Message(content, dst_node_id, message_type)``
-    reads the run and node ids from the process-global ``TaskIdentity``, which only a
-    real ``flwr-clientapp`` process sets. ``message_id`` is normally the content's
-    object id, set by the SuperLink; here a random id stands in (nothing in-process
-    checks it, and hashing the content would serialise every array).
+    As flwr 1.41.0's ``flwr-clientapp`` process does after pulling a message
+    (``supernode/runtime/run_clientapp.py``), minus the process, network and FAB install.
+    Explicit ``Metadata``: ``Message(content, dst_node_id, message_type)`` reads the ids
+    from the process-global ``TaskIdentity`` that only ``flwr-clientapp`` sets. A random
+    ``message_id`` stands in for the SuperLink's content hash (nothing here checks it).
     """
-    metadata = Metadata(
-        run_id=context.run_id,
-        message_id=uuid.uuid4().hex,
-        src_node_id=_SERVER_NODE_ID,
-        dst_node_id=context.node_id,
-        reply_to_message_id="",
-        group_id=group_id,
-        created_at=time.time(),
-        ttl=float(DEFAULT_TTL),
-        message_type=message_type,
-    )
+    metadata = Metadata(run_id=context.run_id, message_id=uuid.uuid4().hex, src_node_id=_SERVER_NODE_ID,
+                        dst_node_id=context.node_id, reply_to_message_id="", group_id=group_id,
+                        created_at=time.time(), ttl=float(DEFAULT_TTL), message_type=message_type)
     message = Message(content=content, metadata=metadata)
     try:
         reply = app(message, context)
     except Exception as exc:
         raise FlowerAppError(
-            f"ClientApp raised {type(exc).__name__} on a {message_type!r} message: {exc}"
-        ) from exc
+            f"ClientApp raised {type(exc).__name__} on a {message_type!r} message: {exc}") from exc
     if not isinstance(reply, Message):
-        raise FlowerAppError(
-            f"ClientApp returned {type(reply).__name__} for a {message_type!r} message, "
-            "expected a flwr Message"
-        )
+        raise FlowerAppError(f"ClientApp returned {type(reply).__name__} for a {message_type!r} "
+                             "message, expected a flwr Message")
     if reply.has_error():
         err = reply.error
-        raise FlowerAppError(
-            f"ClientApp replied with error code {err.code} to a {message_type!r} message: {err.reason}"
-        )
+        raise FlowerAppError(f"ClientApp replied with error code {err.code} to a {message_type!r} "
+                             f"message: {err.reason}")
     if not reply.has_content():
         raise FlowerAppError(f"ClientApp reply to a {message_type!r} message has no content")
     return reply
@@ -173,6 +284,124 @@ def _app_handles(app: ClientApp, message_type: str) -> bool:
     ``ClientApp._registered_funcs``). Unknown internals answer False."""
     registered = getattr(app, "_registered_funcs", None)
     return isinstance(registered, dict) and message_type in registered
+
+
+class _ArraysFound(BaseException):
+    """Stops a ServerApp at its initial arrays; no app's ``except Exception`` catches it."""
+
+
+_GENESIS_LOCK = threading.Lock()  # Strategy.start is patched process-wide while one runs
+
+
+def _first_arrays(messages: Iterable[Message]) -> ArrayRecord:
+    for message in messages:
+        for record in message.content.values() if message.has_content() else ():
+            if isinstance(record, ArrayRecord):
+                return record
+    raise FlowerAppError("the ServerApp sent messages without an ArrayRecord before any initial "
+                         "arrays; have it call strategy.start(initial_arrays=...) first")
+
+
+@contextlib.contextmanager
+def _task_identity() -> Iterator[None]:
+    """Let ``Message(content, dst_node_id, message_type)`` work outside a flwr process
+    (1.41.0 reads the process-global ``TaskIdentity``); restored afterwards."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    for name, value in (("_run_id", 0), ("_node_id", _SERVER_NODE_ID), ("_task_id", 0)):
+        if getattr(TaskIdentity, name) is None:
+            setattr(TaskIdentity, name, value)
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def _stub_grid() -> Any:
+    """A ``Grid`` standing in for the SuperLink: 1000 nodes online (sampling never waits),
+    and the first arrays pushed stop the ServerApp (loops that skip ``Strategy.start``)."""
+    from flwr.serverapp import Grid
+    from flwr.supercore.run import Run
+
+    class StubGrid(Grid):
+        _run = Run.create_empty(0)
+
+        def set_run(self, run: Run) -> None:
+            self._run = run
+
+        @property
+        def run(self) -> Run:
+            return self._run
+
+        def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                           group_id: str, ttl: float | None = None) -> Message:
+            metadata = Metadata(run_id=0, message_id="", src_node_id=_SERVER_NODE_ID,
+                                dst_node_id=dst_node_id, reply_to_message_id="", group_id=group_id,
+                                created_at=time.time(), ttl=float(ttl or DEFAULT_TTL),
+                                message_type=message_type)
+            return Message(content=content, metadata=metadata)
+
+        def get_node_ids(self) -> Iterable[int]:
+            return range(2, 1002)
+
+        def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+            raise _ArraysFound(_first_arrays(messages))
+
+        def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+            return []
+
+        def send_and_receive(self, messages: Iterable[Message], *,
+                             timeout: float | None = None) -> Iterable[Message]:
+            raise _ArraysFound(_first_arrays(messages))
+
+    return StubGrid()
+
+
+def _seed_rngs(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch = sys.modules.get("torch")  # imported by the app if it uses it; never imported here
+    if torch is not None:
+        torch.manual_seed(seed)
+
+
+def _run_server_app_until_arrays(ref: str, app_dir: Path | None, run_config: Mapping[str, Any],
+                                 seed: int | None) -> ArrayRecord:
+    """Run the ServerApp ``ref`` until it hands its initial arrays to ``Strategy.start``
+    (patched for the duration) or sends them through the Grid, and return them."""
+    from flwr.serverapp import ServerApp
+    from flwr.serverapp.strategy import Strategy
+
+    server_app = _import_attr(ref, app_dir, ServerApp)
+
+    def start(self: Any, grid: Any, initial_arrays: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(initial_arrays, ArrayRecord):
+            raise FlowerAppError(f"ServerApp {ref!r} called strategy.start with initial_arrays of "
+                                 f"type {type(initial_arrays).__name__}; pass an ArrayRecord")
+        raise _ArraysFound(initial_arrays)
+
+    context = Context(run_id=0, node_id=_SERVER_NODE_ID, node_config={}, state=RecordDict(),
+                      run_config=dict(run_config))
+    with _GENESIS_LOCK, _task_identity(), contextlib.redirect_stdout(sys.stderr):
+        original = Strategy.__dict__["start"]
+        Strategy.start = start  # type: ignore[method-assign]
+        try:
+            if seed is not None:
+                _seed_rngs(seed)
+            server_app(_stub_grid(), context)
+        except _ArraysFound as found:
+            return found.args[0]
+        except FlowerAppError:
+            raise
+        except Exception as exc:
+            raise FlowerAppError(f"ServerApp {ref!r} raised {type(exc).__name__} before handing over "
+                                 f"its initial arrays: {_one_line(exc)}") from exc
+        finally:
+            Strategy.start = original  # type: ignore[method-assign]
+    raise FlowerAppError(f"ServerApp {ref!r} returned without calling strategy.start(initial_arrays="
+                         "...) or sending arrays; build the initial ArrayRecord there, or register "
+                         f"@app.query({INITIAL_PARAMETERS_ACTION!r}) in the ClientApp")
 
 
 # --- conversions ----------------------------------------------------------------------
@@ -195,74 +424,48 @@ def _config_value(key: str, value: Any) -> Any:
         kinds = {type(v) for v in items}
         if len(kinds) <= 1 and all(isinstance(v, bool | int | float | str | bytes) for v in items):
             return items
-    raise TypeError(
-        f"config[{key!r}] = {value!r} cannot travel in a Flower ConfigRecord "
-        "(allowed: bool, int, float, str, bytes, or a list of one of them)"
-    )
+    raise TypeError(f"config[{key!r}] = {value!r} cannot travel in a Flower ConfigRecord "
+                    "(allowed: bool, int, float, str, bytes, or a list of one of them)")
 
 
 def _to_config_record(config: Mapping[str, Any]) -> ConfigRecord:
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, mapping: Mapping[str, Any]) -> None:
-        for key, value in mapping.items():
-            full = f"{prefix}.{key}" if prefix else str(key)
-            if value is None:
-                continue
-            if isinstance(value, Mapping):
-                walk(full, value)
-            else:
-                flat[full] = _config_value(full, value)
-
-    walk("", config)
-    return ConfigRecord(flat)
+    return ConfigRecord({k: _config_value(k, v) for k, v in _flatten(config).items() if v is not None})
 
 
 def _record(reply: Message, name: str, kind: type, what: str) -> Any:
     content = reply.content
     if name not in content:
-        raise FlowerAppError(
-            f"ClientApp reply to {what} lacks the {name!r} {kind.__name__} "
-            f"(reply holds: {sorted(content.keys()) or 'nothing'})"
-        )
+        raise FlowerAppError(f"ClientApp reply to {what} lacks the {name!r} {kind.__name__} "
+                             f"(reply holds: {sorted(content.keys()) or 'nothing'})")
     record = content[name]
     if not isinstance(record, kind):
-        raise FlowerAppError(
-            f"ClientApp reply to {what}: {name!r} is a {type(record).__name__}, expected {kind.__name__}"
-        )
+        raise FlowerAppError(f"ClientApp reply to {what}: {name!r} is a {type(record).__name__}, "
+                             f"expected {kind.__name__}")
     return record
 
 
 def _read_arrays(reply: Message, what: str, expected: Mapping[str, np.ndarray] | None) -> Parameters:
-    record: ArrayRecord = _record(reply, "arrays", ArrayRecord, what)
+    return _decode_arrays(_record(reply, "arrays", ArrayRecord, what), f"ClientApp reply to {what}", expected)
+
+
+def _decode_arrays(record: ArrayRecord, what: str, expected: Mapping[str, np.ndarray] | None) -> Parameters:
     if expected is not None:
         missing = [k for k in expected if k not in record]
         extra = [k for k in record if k not in expected]
         if missing or extra:
-            raise FlowerAppError(
-                f"ClientApp reply to {what}: array names differ from those sent "
-                f"(missing {missing}, unexpected {extra})"
-            )
-        names = list(expected)
-    else:
-        names = list(record.keys())
+            raise FlowerAppError(f"{what}: array names differ from those sent "
+                                 f"(missing {missing}, unexpected {extra})")
     out: Parameters = {}
-    for name in names:
+    for name in list(expected) if expected is not None else list(record.keys()):
         try:
             value = record[name].numpy()
         except Exception as exc:
-            raise FlowerAppError(
-                f"ClientApp reply to {what}: array {name!r} cannot be decoded: {exc}"
-            ) from exc
+            raise FlowerAppError(f"{what}: array {name!r} cannot be decoded: {exc}") from exc
         if value.dtype.kind not in "fiu":
-            raise FlowerAppError(
-                f"ClientApp reply to {what}: array {name!r} has dtype {value.dtype}, expected a number type"
-            )
+            raise FlowerAppError(f"{what}: array {name!r} has dtype {value.dtype}, expected a number type")
         if expected is not None and tuple(value.shape) != tuple(np.shape(expected[name])):
-            raise FlowerAppError(
-                f"ClientApp reply to {what}: array {name!r} has shape {tuple(value.shape)}, "
-                f"expected {tuple(np.shape(expected[name]))}"
-            )
+            raise FlowerAppError(f"{what}: array {name!r} has shape {tuple(value.shape)}, "
+                                 f"expected {tuple(np.shape(expected[name]))}")
         out[name] = np.ascontiguousarray(value, dtype=np.float32)
     return out
 
@@ -270,19 +473,13 @@ def _read_arrays(reply: Message, what: str, expected: Mapping[str, np.ndarray] |
 def _read_metrics(reply: Message, what: str) -> tuple[int, dict[str, float]]:
     record: MetricRecord = _record(reply, "metrics", MetricRecord, what)
     if "num-examples" not in record:
-        raise FlowerAppError(
-            f"ClientApp reply to {what}: 'metrics' lacks 'num-examples' (has: {sorted(record.keys())})"
-        )
+        raise FlowerAppError(f"ClientApp reply to {what}: 'metrics' lacks 'num-examples' "
+                             f"(has: {sorted(record.keys())})")
     raw_n = record["num-examples"]
-    if (
-        isinstance(raw_n, bool)
-        or not isinstance(raw_n, int | float)
-        or not float(raw_n).is_integer()
-        or raw_n < 0
-    ):
-        raise FlowerAppError(
-            f"ClientApp reply to {what}: 'num-examples' must be a non-negative integer, got {raw_n!r}"
-        )
+    if (isinstance(raw_n, bool) or not isinstance(raw_n, int | float)
+            or not float(raw_n).is_integer() or raw_n < 0):
+        raise FlowerAppError(f"ClientApp reply to {what}: 'num-examples' must be a non-negative "
+                             f"integer, got {raw_n!r}")
     metrics = {k: float(v) for k, v in record.items() if k != "num-examples" and isinstance(v, int | float)}
     return int(raw_n), metrics
 
@@ -299,50 +496,49 @@ def _default_node_id(node_config: Mapping[str, Any]) -> int:
 class FlowerAppTrainer:
     """A ``LocalTrainer`` backed by a Flower ``ClientApp`` living in this process.
 
-    ``app_ref`` is ``"package.module:attribute"`` (or the ``ClientApp`` object
-    itself). ``run_config`` and ``node_config`` become the ``Context`` the app sees;
+    ``app_ref`` is a ``flwr new`` project directory, ``"package.module:attribute"``
+    (imported with ``app_dir`` first on sys.path), a resolved ``FlowerApp`` or the
+    ``ClientApp`` object itself. ``run_config`` is laid over the project's defaults;
     ``node_config`` normally carries ``"partition-id"`` and ``"num-partitions"``. The
     app and one ``Context`` are kept for the trainer's lifetime, so ``context.state``
     persists across rounds as it does under a Flower SuperNode. Calls are serialised
-    by a lock.
+    by a lock. ``seed`` seeds the RNGs before a ServerApp builds the initial arrays.
     """
 
-    def __init__(
-        self,
-        app_ref: str | ClientApp,
-        run_config: Mapping[str, Any] | None = None,
-        node_config: Mapping[str, Any] | None = None,
-        *,
-        initial_parameters: Callable[[], Parameters] | None = None,
-        run_id: int = 0,
-        node_id: int = 0,
-    ) -> None:
+    def __init__(self, app_ref: str | FlowerApp | ClientApp, run_config: Mapping[str, Any] | None = None,
+                 node_config: Mapping[str, Any] | None = None, *, app_dir: str | Path | None = None,
+                 initial_parameters: Callable[[], Parameters] | None = None, seed: int | None = None,
+                 run_id: int = 0, node_id: int = 0) -> None:
         if flwr.__version__ != _FLWR_PINNED:
-            raise FlowerAppError(
-                f"fedraft hosts ClientApps with flwr {_FLWR_PINNED}; found {flwr.__version__}"
-            )
+            raise FlowerAppError(f"fedraft hosts ClientApps with flwr {_FLWR_PINNED}; "
+                                 f"found {flwr.__version__}")
+        self.project: FlowerApp | None = None
         if isinstance(app_ref, ClientApp):
             self.app_ref = f"<{type(app_ref).__name__} object>"
             self.app = app_ref
         else:
-            self.app_ref = app_ref
-            self.app = load_client_app(app_ref)
+            self.project = app_ref if isinstance(app_ref, FlowerApp) else resolve_app(app_ref, app_dir)
+            self.app_ref = app_ref if isinstance(app_ref, str) else self.project.clientapp
+            self.app = _import_attr(self.project.clientapp, self.project.app_dir, ClientApp)
         self._initial_fn = initial_parameters
-        self.context = Context(
-            run_id=int(run_id),
-            node_id=int(node_id) or _default_node_id(node_config or {}),
-            node_config=dict(node_config or {}),
-            state=RecordDict(),
-            run_config=dict(run_config or {}),
-        )
+        self._seed = seed
+        defaults = self.project.run_config if self.project is not None else {}
+        self.base_run_config: dict[str, Any] = {**defaults, **(run_config or {})}
+        """``context.run_config`` before a round's settings are laid over it."""
+        node_id = int(node_id) or _default_node_id(node_config or {})
+        self.context = Context(run_id=int(run_id), node_id=node_id, node_config=dict(node_config or {}),
+                               state=RecordDict(), run_config=dict(self.base_run_config))
         self._initial: Parameters | None = None
         self._lock = threading.Lock()
         self.calls = 0
         """How many messages the app has been sent (for monitoring and tests)."""
 
-    def _send(self, content: RecordDict, message_type: str, group_id: str = "") -> Message:
+    def _send(self, content: RecordDict, message_type: str, group_id: str = "",
+              config: Mapping[str, Any] | None = None) -> Message:
         with self._lock:
             self.calls += 1
+            if config is not None:
+                self.context.run_config = run_config_for(self.base_run_config, config)
             return _invoke_client_app(self.app, self.context, content, message_type, group_id)
 
     def initial_parameters(self) -> Parameters:
@@ -354,44 +550,51 @@ class FlowerAppTrainer:
         if self._initial_fn is not None:
             params = self._initial_fn()
             if not isinstance(params, Mapping) or not params:
-                raise FlowerAppError(
-                    "initial_parameters() must return a non-empty dict of arrays, "
-                    f"got {type(params).__name__}"
-                )
+                raise FlowerAppError("initial_parameters() must return a non-empty dict of arrays, "
+                                     f"got {type(params).__name__}")
             return {str(k): np.ascontiguousarray(v, dtype=np.float32) for k, v in params.items()}
         query = f"{MessageType.QUERY}.{INITIAL_PARAMETERS_ACTION}"
         if _app_handles(self.app, query):
             reply = self._send(RecordDict({"config": ConfigRecord()}), query)
             return _read_arrays(reply, f"a {query!r} message", expected=None)
+        if self.project is not None and self.project.serverapp:
+            server = self.project.serverapp
+            record = _run_server_app_until_arrays(server, self.project.app_dir, self.base_run_config,
+                                                  self._seed)
+            params = _decode_arrays(record, f"the initial arrays of ServerApp {server!r}", expected=None)
+            if not params:
+                raise FlowerAppError(f"ServerApp {server!r} started from an empty ArrayRecord")
+            return params
         raise FlowerAppError(
-            f"ClientApp {self.app_ref} offers no initial parameters: pass "
-            "initial_parameters=<callable> to FlowerAppTrainer, or register a handler "
-            f"with @app.query({INITIAL_PARAMETERS_ACTION!r}) in the app"
-        )
+            f"ClientApp {self.app_ref} offers no initial parameters: give its `flwr new` project "
+            "directory (a pyproject.toml naming a serverapp) so the ServerApp's initial arrays are "
+            f"used, or register @app.query({INITIAL_PARAMETERS_ACTION!r}) in the ClientApp")
 
     def _content(self, params: Parameters, config: Mapping[str, Any]) -> RecordDict:
         if not params:
             raise ValueError("no parameters to send to the ClientApp")
-        return RecordDict({"arrays": _to_array_record(params), "config": _to_config_record(config)})
+        sent = {k: v for k, v in config.items() if k != "run_config"}
+        if config.get("round") is not None:
+            sent["server-round"] = config["round"]  # Flower's strategies add it to every config
+        return RecordDict({"arrays": _to_array_record(params), "config": _to_config_record(sent)})
 
     def fit(self, params: Parameters, config: Mapping[str, Any]) -> FitResult:
         group = str(config.get("round", ""))
-        reply = self._send(self._content(params, config), MessageType.TRAIN, group)
+        reply = self._send(self._content(params, config), MessageType.TRAIN, group, config)
         new_params = _read_arrays(reply, "a train message", expected=params)
         num_examples, metrics = _read_metrics(reply, "a train message")
         return FitResult(params=new_params, num_examples=num_examples, metrics=metrics)
 
     def evaluate(self, params: Parameters, config: Mapping[str, Any]) -> EvalResult:
         group = str(config.get("round", ""))
-        reply = self._send(self._content(params, config), MessageType.EVALUATE, group)
+        reply = self._send(self._content(params, config), MessageType.EVALUATE, group, config)
         num_examples, metrics = _read_metrics(reply, "an evaluate message")
         loss = metrics.pop("loss", None)
         if loss is None:
             loss = metrics.pop("eval_loss", None)
         if loss is None:
-            raise FlowerAppError(
-                "ClientApp reply to an evaluate message: 'metrics' has neither 'loss' nor 'eval_loss'"
-            )
+            raise FlowerAppError("ClientApp reply to an evaluate message: 'metrics' has neither "
+                                 "'loss' nor 'eval_loss'")
         if "accuracy" not in metrics and "eval_acc" in metrics:
             metrics["accuracy"] = metrics.pop("eval_acc")
         return EvalResult(loss=float(loss), num_examples=num_examples, metrics=metrics)

@@ -145,7 +145,7 @@ def test_one_app_object_one_process_one_context_across_calls() -> None:
     assert {entry[1] for entry in probe_log} == {id(probe_app)}
     assert {entry[2] for entry in probe_log} == {id(trainer.context)}
     assert [entry[3] for entry in probe_log] == ["0", "1", "2", "3", "4"]
-    assert probe_log[0][4] == {"round": 0, "lr": 0.1}
+    assert probe_log[0][4] == {"round": 0, "lr": 0.1, "server-round": 0}  # as Flower's strategies add
 
 
 # --- the contract is enforced with clear errors ---------------------------------------
@@ -290,8 +290,8 @@ def test_config_conversion() -> None:
         },
     )
     config = probe_log[-1][4]
-    assert config == {"round": 3, "lr": 0.5, "dp.clip": 1.0, "ids": [1, 2], "name": "x"}
-    assert type(config["round"]) is int
+    assert config == {"round": 3, "lr": 0.5, "dp.clip": 1.0, "ids": [1, 2], "name": "x", "server-round": 3}
+    assert type(config["round"]) is int and type(config["server-round"]) is int
     with pytest.raises(TypeError, match="ConfigRecord"):
         trainer.fit({"w": np.ones(2, np.float32)}, {"bad": object()})
     with pytest.raises(TypeError):

@@ -1,0 +1,1 @@
+"""cancerapp: a Flower app that learns to tell malignant from benign breast tumours."""
