@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -111,19 +112,19 @@ def run(
         key = load_identity_key(cfg.identity_key)
         tls = (cfg.ca.read_bytes(), cfg.cert.read_bytes(), cfg.key.read_bytes())
     except (SiteConfigError, OSError, ValueError) as exc:
-        err.print(f"[red]configuration error:[/] {exc}")
+        err.print(f"[red]configuration error:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
     from client.store import StateDirBusy, lock_state_dir
     from coordinator.wire import identity_problem
 
     problem = identity_problem(cfg.ca, cfg.cert, cfg.key, ("client",))
     if problem is not None:  # the nodes would refuse it: say why, do not retry forever
-        err.print(f"[red]TLS identity error:[/] {problem}")
+        err.print(f"[red]TLS identity error:[/] {escape(str(problem))}")
         raise typer.Exit(2)
     try:
         lock = lock_state_dir(cfg.state_dir)  # noqa: F841 (held while the agent runs)
     except StateDirBusy as exc:
-        err.print(f"[red]refusing to start:[/] {exc}")
+        err.print(f"[red]refusing to start:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
     privacy = cfg.privacy
     logging.getLogger("client").info(  # what it runs with; file paths only, never their contents
@@ -139,7 +140,7 @@ def run(
     try:
         trainer = _trainer_from_config(cfg)
     except (SiteConfigError, ValueError) as exc:
-        err.print(f"[red]configuration error:[/] {exc}")
+        err.print(f"[red]configuration error:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
 
     def report(outcome: Any) -> None:
@@ -152,7 +153,7 @@ def run(
     try:
         agent.run(max_rounds=max_rounds)
     except PermissionError as exc:
-        err.print(f"[red]refused by the federation:[/] {exc}")
+        err.print(f"[red]refused by the federation:[/] {escape(str(exc))}")
         raise typer.Exit(1) from None
 
 
@@ -170,7 +171,7 @@ def keygen(out: Annotated[Path, typer.Option("--out", "-o", help="private key fi
         err.print(f"[red]{out} exists; refusing to overwrite an identity key[/]")
         raise typer.Exit(2) from None
     except OSError as exc:
-        err.print(f"[red]cannot write {out}: {exc.strerror or exc}[/]")
+        err.print(f"[red]cannot write {out}: {escape(str(exc.strerror or exc))}[/]")
         raise typer.Exit(2) from None
     if as_json:
         print(json.dumps({"public_key": public_key_hex(key), "identity_key": str(out)}))
@@ -215,7 +216,7 @@ def import_(
     except (BundleError, OSError) as exc:
         if as_json:
             print(json.dumps({"ok": False, "error": str(exc)}))
-        err.print(f"[red]import refused:[/] {exc}")
+        err.print(f"[red]import refused:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
     out = {"ok": True, "site": done.bundle.site, "config": str(done.config_path),
            "files": [str(f) for f in done.files], "nodes": list(done.bundle.nodes),
@@ -254,7 +255,7 @@ def init_model(
         try:
             params = FlowerAppTrainer(flower_app, app_dir=app_dir, seed=seed).initial_parameters()
         except FlowerAppError as exc:
-            err.print(f"[red]cannot use the Flower app:[/] {exc}")
+            err.print(f"[red]cannot use the Flower app:[/] {escape(str(exc))}")
             raise typer.Exit(2) from None
     else:
         from client.training.tasks import TASKS, build_model, get_parameters
@@ -267,7 +268,7 @@ def init_model(
     try:
         out.write_bytes(data)
     except OSError as exc:
-        err.print(f"[red]cannot write {out}: {exc.strerror or exc}[/]")
+        err.print(f"[red]cannot write {out}: {escape(str(exc.strerror or exc))}[/]")
         raise typer.Exit(2) from None
     if as_json:
         print(json.dumps({"hash": sha256_hex(data), "out": str(out), "bytes": len(data)}))

@@ -76,3 +76,18 @@ def test_one_agent_per_state_directory(tmp_path: Path) -> None:
         lock_state_dir(tmp_path / "state")
     held.close()  # the first agent ends: the next one may start
     lock_state_dir(tmp_path / "state").close()
+
+
+def test_error_lines_keep_bracketed_text(capsys: pytest.CaptureFixture[str]) -> None:
+    """Messages name config sections ([site], [data]); rich must not eat them as markup."""
+    import typer
+
+    from coordinator.commands.common import run
+    from coordinator.ops.admin_client import Refused
+
+    def refuse() -> None:
+        raise Refused({"ok": False, "code": "bad_config", "error": "set [site] state_dir"})
+
+    with pytest.raises(typer.Exit):
+        run(refuse)
+    assert "refused (bad_config): set [site] state_dir" in capsys.readouterr().err

@@ -60,7 +60,9 @@ def test_the_readme_one_machine_block_runs_as_written(tmp_path: Path) -> None:
     assert [r["status"] for r in first["round_rows"]] == ["committed"] * 5
     final = first["final_evaluation"]
     assert sorted(final["site_metrics"]) == ["site-0", "site-1", "site-2"]
-    assert final["version"] == first["final_version"] and final["metrics"]["eval_accuracy"] > 0.8
+    assert final["version"] == first["final_version"]
+    untrained = first["round_rows"][0]["metrics"]["base_accuracy"]  # the genesis model's
+    assert final["metrics"]["eval_accuracy"] > untrained + 0.1, (untrained, final)
     assert all(r["metrics"]["survivors"] >= 2 for r in first["round_rows"])
     # each site trained on its own partition: what they report differs
     losses = {m["eval_loss"] for m in final["site_metrics"].values()}

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from coordinator.cluster import pki
 from coordinator.commands.common import EXIT_USAGE, JsonOpt, console, emit, err
@@ -20,10 +21,10 @@ def certs_init(directory: Annotated[Path, typer.Argument(help="where ca.pem and 
     try:
         path = pki.init_ca(directory)
     except FileExistsError as exc:
-        err.print(f"[red]{exc}[/]")
+        err.print(f"[red]{escape(str(exc))}[/]")
         raise typer.Exit(EXIT_USAGE) from None
     except OSError as exc:
-        err.print(f"[red]cannot create the CA: {exc.strerror or exc}: {exc.filename}[/]")
+        err.print(f"[red]cannot create the CA: {escape(str(exc.strerror or exc))}: {exc.filename}[/]")
         raise typer.Exit(EXIT_USAGE) from None
     if as_json:
         emit({"ca_cert": str(path), "ca_key": str(path.with_name("ca.key"))})
@@ -47,10 +48,10 @@ def certs_issue(
     try:
         ident = pki.issue(ca_dir, out, role, name, tuple(host or ("127.0.0.1", "localhost")))
     except (FileExistsError, ValueError) as exc:
-        err.print(f"[red]{exc}[/]")
+        err.print(f"[red]{escape(str(exc))}[/]")
         raise typer.Exit(EXIT_USAGE) from None
     except OSError as exc:  # the CA files cannot be read, or --out cannot be written
-        err.print(f"[red]cannot issue: {exc.strerror or exc}: {exc.filename}[/]")
+        err.print(f"[red]cannot issue: {escape(str(exc.strerror or exc))}: {exc.filename}[/]")
         raise typer.Exit(EXIT_USAGE) from None
     if as_json:
         emit({"role": role, "name": name, "cert": str(ident.cert), "key": str(ident.key),

@@ -103,10 +103,10 @@ def _membership(fn: Callable[[], Any], as_json: bool, done: Callable[[Any], str]
     except Refused as exc:
         if as_json:
             emit(exc.reply)
-        err.print(f"[red]refused ({exc.code}):[/] {exc}")
+        err.print(f"[red]refused ({exc.code}):[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_TIMEOUT if exc.code == "timeout" else EXIT_REFUSED) from None
     except Unreachable as exc:
-        err.print(f"[red]unreachable:[/] {exc}")
+        err.print(f"[red]unreachable:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_UNREACHABLE) from None
     emit(r) if as_json else console.print(done(r))
 
@@ -117,7 +117,7 @@ def _node_address(value: str, what: str) -> str:
     try:
         return host_port(value, what)
     except ConfigError as exc:
-        err.print(f"[red]usage error:[/] {exc}")
+        err.print(f"[red]usage error:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_USAGE) from None
 
 
@@ -197,7 +197,7 @@ def cluster_audit_head(
             durable.write_atomic(out, (json.dumps({"audit_head": head}, sort_keys=True) + "\n")
                                  .encode(), mode=0o644)
         except OSError as exc:
-            err.print(f"[red]cannot write {out}:[/] {exc.strerror or exc}")
+            err.print(f"[red]cannot write {out}:[/] {escape(str(exc.strerror or exc))}")
             raise typer.Exit(EXIT_USAGE) from None
     if as_json:
         emit({"audit_head": head})

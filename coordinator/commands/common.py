@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from coordinator import wire
 from coordinator.cluster.config import ConfigError
@@ -46,12 +47,12 @@ def operator_client(config: Path | None, admin: str | None, ca: Path | None, cer
     try:
         cfg = load_operator_config(config, admin, ca, cert, key)
     except ConfigError as exc:
-        err.print(f"[red]configuration error:[/] {exc}")
+        err.print(f"[red]configuration error:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_USAGE) from None
     problem = wire.identity_problem(cfg.identity.ca, cfg.identity.cert, cfg.identity.key,
                                     ADMIN_ROLES)
     if problem is not None:
-        err.print(f"[red]TLS identity error:[/] {problem}")
+        err.print(f"[red]TLS identity error:[/] {escape(str(problem))}")
         raise typer.Exit(EXIT_USAGE)
     return AdminClient(cfg)
 
@@ -61,10 +62,10 @@ def run(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except Refused as exc:
-        err.print(f"[red]refused ({exc.code}):[/] {exc}")
+        err.print(f"[red]refused ({exc.code}):[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_REFUSED) from None
     except Unreachable as exc:
-        err.print(f"[red]unreachable:[/] {exc}")
+        err.print(f"[red]unreachable:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_UNREACHABLE) from None
 
 

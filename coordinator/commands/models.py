@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from coordinator import wire
 from coordinator.commands.common import (
@@ -36,7 +37,7 @@ def model_init(path: Annotated[Path, typer.Argument(help="safetensors file of fl
     try:
         data = path.read_bytes()
     except OSError as exc:
-        err.print(f"[red]cannot read the model file[/] {path}: {exc.strerror or exc}")
+        err.print(f"[red]cannot read the model file[/] {path}: {escape(str(exc.strerror or exc))}")
         raise typer.Exit(EXIT_USAGE) from None
     c = operator_client(config, admin, ca, cert, key)
     r = run(lambda: c.call("InitModel", {"data": data}))

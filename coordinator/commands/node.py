@@ -37,7 +37,7 @@ def node_start(
     try:
         cfg = load_node_config(config)
     except ConfigError as exc:
-        err.print(f"[red]configuration error:[/] {exc}")
+        err.print(f"[red]configuration error:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_USAGE) from None
     if cfg.log_json and not json_logs:
         setup_logging(log_level, True)
@@ -83,7 +83,7 @@ def node_recover(
     try:
         cfg = load_node_config(config)
     except ConfigError as exc:
-        err.print(f"[red]configuration error:[/] {exc}")
+        err.print(f"[red]configuration error:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_USAGE) from None
     raft_dir = cfg.data_dir / "raft"
     try:

@@ -66,7 +66,7 @@ def round_config(clients: int | None, fraction: float | None, min_clients: int |
     try:
         extra = _parse_settings(settings or [])
     except ConfigError as exc:
-        err.print(f"[red]configuration error:[/] {exc}")
+        err.print(f"[red]configuration error:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_USAGE) from None
     return extra | {k: v for k, v in pairs.items() if v is not None}
 
@@ -234,7 +234,7 @@ def start_run(c: AdminClient, rounds: int, cfg: dict[str, Any], *, name: str | N
         try:
             data = model.read_bytes()
         except OSError as exc:
-            err.print(f"[red]cannot read the model file:[/] {model}: {exc.strerror or exc}")
+            err.print(f"[red]cannot read the model file[/] {model}: {escape(str(exc.strerror or exc))}")
             raise typer.Exit(EXIT_USAGE) from None
         run(lambda: c.call("InitModel", {"data": data, "fresh": True}))
     message: dict[str, Any] = {"rounds": rounds, "config": cfg}

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from coordinator.commands.common import (
@@ -99,7 +100,7 @@ def _site_bundle(c: AdminClient, site: str, public_key: str, path: Path, ca_dir:
                  else bundles.fleet_from_status(run(lambda: c.call("Status"))))
         return bundles.build_bundle(ca_dir, site, public_key, nodes, epsilon, delta, days)
     except bundles.BundleError as exc:
-        err.print(f"[red]bundle:[/] {exc}")
+        err.print(f"[red]bundle:[/] {escape(str(exc))}")
         raise typer.Exit(EXIT_USAGE) from None
 
 
@@ -109,7 +110,7 @@ def _write_site_bundle(path: Path, made: dict[str, Any]) -> dict[str, Any]:
     try:
         bundles.write_bundle(path, made)
     except OSError as exc:
-        err.print(f"[red]bundle not written:[/] {exc}; `fedraft client bundle {made['site']}` "
+        err.print(f"[red]bundle not written:[/] {escape(str(exc))}; `fedraft client bundle {made['site']}` "
                   "makes a new one")
         raise typer.Exit(EXIT_USAGE) from None
     return {"bundle": str(path), "ca_sha256": bundles.ca_fingerprint(made["ca_pem"].encode()),

@@ -48,7 +48,8 @@ def test_membership_record_sets_members_and_audits_once():
     kind, payload = audit_record(_record("add", 4, [1, 2, 3, 4]), r, s)
     assert kind == "membership_changed"
     assert payload == {"change": "add", "node": "10.0.0.4:7100", "node_id": "n4",
-                       "members": [_member(i)["raft"] for i in (1, 2, 3, 4)], "operator": "alice"}
+                       "members": [_member(i)["raft"] for i in (1, 2, 3, 4)], "operator": "alice",
+                       "actor": "alice"}
     again = apply(s, _record("add", 4, [1, 2, 3, 4]))  # a retry: same result, no new entry
     assert again["replayed"] and audit_record(_record("add", 4, [1, 2, 3, 4]), again, s) is None
     removed = apply(s, _record("remove", 2, [1, 3, 4], "r2") | {"node_id": "n2"})
