@@ -25,7 +25,12 @@ from coordinator.cluster.metrics import NodeMetrics, StageClock
 from coordinator.cluster.presence import OnlineSites, TaskBell
 from coordinator.cluster.replica import CommandFailed, Replica
 from coordinator.core import commands
-from coordinator.core.queries import open_round_cancelled, quorum, run_unevaluated
+from coordinator.core.queries import (
+    open_round_cancelled,
+    quorum,
+    run_unevaluated,
+    training_pending,
+)
 from coordinator.round import policy
 from coordinator.round.aggregation import AggregationAbort, InvalidAggregate, make_aggregation
 from coordinator.round.charges import ChargePool
@@ -82,8 +87,8 @@ class RoundDriver:
     def task_for(self, site: str) -> wire.Task | None:
         """The task of the open stage for `site`, if it is expected and has not answered."""
         ev = self.evaluation
-        if ev is not None:
-            return ev.task(site)
+        if ev is not None:  # unless a new run began: the driver is about to drop it
+            return None if self.replica.state.read(training_pending) else ev.task(site)
         s = self.session
         if s is None or s.phase != s.agg.sum.stage:
             return None

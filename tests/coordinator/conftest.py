@@ -8,6 +8,8 @@ make the leader linger at a stage so a test can kill it there.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -69,3 +71,13 @@ def make_module_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fa
             return stack.enter_context(federation(tmp_path_factory.mktemp(name), **kwargs))
 
         yield make
+
+
+def fedraft_cli(cluster: LocalCluster, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run the `fedraft` CLI as the cluster's operator (connection from the environment)."""
+    ident = cluster.operator
+    env = {**cluster.env, "FEDRAFT_ADMIN": ",".join(n.admin for n in cluster.nodes),
+           "FEDRAFT_CA": str(ident.ca), "FEDRAFT_CERT": str(ident.cert),
+           "FEDRAFT_KEY": str(ident.key)}
+    return subprocess.run([sys.executable, "-m", "coordinator", *args], capture_output=True,
+                          text=True, env=env, timeout=timeout)

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import grpc
@@ -21,6 +19,8 @@ from client.training.tasks import evaluate_global
 from coordinator import wire
 from coordinator.demo.cluster import LocalCluster
 from coordinator.ops.admin_client import Refused
+
+from .conftest import fedraft_cli as _fedraft
 
 TASK = "breast_cancer"
 SITES = [f"site-{i}" for i in range(4)]
@@ -304,13 +304,6 @@ def test_every_node_writes_the_same_verifiable_audit_log(cluster):
             time.sleep(0.3)
     assert heads[0] == heads[1] == heads[2]
 
-
-def _fedraft(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess:
-    ident = cluster.operator
-    env = {**cluster.env, "FEDRAFT_ADMIN": ",".join(n.admin for n in cluster.nodes),
-           "FEDRAFT_CA": str(ident.ca), "FEDRAFT_CERT": str(ident.cert), "FEDRAFT_KEY": str(ident.key)}
-    return subprocess.run([sys.executable, "-m", "coordinator", *args], capture_output=True,
-                          text=True, env=env, timeout=120)
 
 
 def _committed_head(cluster: LocalCluster, timeout: float = 20.0) -> dict:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +26,8 @@ from coordinator.cluster.raft_patches import message_out_of_bounds
 from coordinator.cluster.replica import Replica
 from coordinator.core import commands
 from coordinator.demo.cluster import LocalCluster, free_ports
+
+from .conftest import fedraft_cli as _fedraft
 
 
 def _wait(cond: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -182,10 +182,6 @@ def test_an_unbounded_term_from_a_peer_changes_nothing(tmp_path: Path) -> None:
         for r in replicas:
             r.destroy()
 
-
-def _fedraft(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "coordinator", *args], capture_output=True,
-                          text=True, env=cluster.env, timeout=120)
 
 
 def test_a_node_with_a_damaged_journal_refuses_and_recovers_from_its_peers(tmp_path: Path):

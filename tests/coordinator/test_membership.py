@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -25,6 +23,8 @@ from coordinator.cluster import pki
 from coordinator.core.state import apply, initial_state
 from coordinator.demo.cluster import LocalCluster, free_ports
 from coordinator.ops.admin_client import Refused, Unreachable
+
+from .conftest import fedraft_cli as _fedraft
 
 # ---------------------------------------------------------------- the replicated record
 
@@ -89,14 +89,6 @@ def test_removed_node_must_not_stay_a_member():
 def cluster(make_module_cluster):
     return make_module_cluster("membership", genesis=False)
 
-
-def _fedraft(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess:
-    ident = cluster.operator
-    env = {**cluster.env, "FEDRAFT_ADMIN": ",".join(n.admin for n in cluster.nodes),
-           "FEDRAFT_CA": str(ident.ca), "FEDRAFT_CERT": str(ident.cert),
-           "FEDRAFT_KEY": str(ident.key)}
-    return subprocess.run([sys.executable, "-m", "coordinator", *args], capture_output=True,
-                          text=True, env=env, timeout=120)
 
 
 def _last_json(out: str) -> dict:

@@ -6,20 +6,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import subprocess
-import sys
 import time
 
 from coordinator.audit.store import open_readonly
-from coordinator.demo.cluster import LocalCluster
 
-
-def _fedraft(c: LocalCluster, *args: str) -> subprocess.CompletedProcess:
-    op = c.operator
-    return subprocess.run(
-        [sys.executable, "-m", "coordinator", *args, "--admin", ",".join(n.admin for n in c.nodes),
-         "--ca", str(op.ca), "--cert", str(op.cert), "--key", str(op.key)],
-        capture_output=True, text=True, timeout=180)
+from .conftest import fedraft_cli as _fedraft
 
 
 def test_unsatisfiable_runs_are_refused_or_stopped_with_the_reason(make_cluster) -> None:

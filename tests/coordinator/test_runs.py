@@ -5,8 +5,6 @@ driven through the `fedraft run` CLI."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +16,8 @@ from coordinator.audit.writer import audit_record
 from coordinator.core.queries import run_unevaluated
 from coordinator.core.state import apply, initial_state
 from coordinator.demo.cluster import LocalCluster
+
+from .conftest import fedraft_cli as _fedraft
 
 V0, V1, V2 = "0" * 64, "1" * 64, "2" * 64
 
@@ -105,13 +105,6 @@ def test_a_stop_aborts_the_open_attempt_and_names_the_run() -> None:
 
 # ---------------------------------------------------------------- a real cluster
 
-
-def _fedraft(c: LocalCluster, *args: str) -> subprocess.CompletedProcess:
-    op = c.operator
-    return subprocess.run(
-        [sys.executable, "-m", "coordinator", *args, "--admin", ",".join(n.admin for n in c.nodes),
-         "--ca", str(op.ca), "--cert", str(op.cert), "--key", str(op.key)],
-        capture_output=True, text=True, timeout=180)
 
 
 def _fresh_model(c: LocalCluster, out: Path) -> Path:

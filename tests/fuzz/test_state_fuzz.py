@@ -125,6 +125,8 @@ def _domain(state: dict[str, Any]) -> dict[str, Any]:
 def test_every_valid_command_applies() -> None:
     for cmd in VALID:
         state = copy.deepcopy(IDLE if cmd["op"] == "round_open" else BASE)
+        if cmd["op"] == "train":  # one run at a time: the running one is stopped first
+            assert sm.apply(state, {"op": "stop"})["ok"]
         assert sm.apply(state, cmd)["ok"], cmd
 
 
