@@ -188,6 +188,7 @@ class Agent:
             return False
         except BudgetRefusal as exc:
             log.error("round %s refused: %s", key, exc)
+            self._decline(task, exc)
             self._finish(work, RoundOutcome(task.round, task.attempt, False, str(exc)))
             return False
         reply = self._submit(body)
@@ -201,6 +202,13 @@ class Agent:
             log.info("round %s.%s: %s", task.round, task.attempt, detail)
             self._finish(work, RoundOutcome(task.round, task.attempt, accepted, detail))
         return accepted and last_stage
+
+    def _decline(self, task: wire.Task, why: BaseException) -> None:
+        """Tell the leader this site takes no part in the attempt, and why, so that the
+        attempt's abort (and a run that stops over it) names the real cause."""
+        self._submit(wire.Submit(site=self.site_id, round=task.round, attempt=task.attempt,
+                                 term=task.term, stage=task.stage,
+                                 declined=str(why)[:200] or type(why).__name__).to_wire())
 
     def _evaluate(self, task: wire.Task) -> None:
         """Report how a finished run's final model does on this site's records, once."""
@@ -256,6 +264,7 @@ class Agent:
         except BudgetRefusal as exc:
             log.error("round %s refused: %s", task.session, exc)
             self.state.mark_joined(task.session)  # do not reconsider this session
+            self._decline(task, exc)
             if self.on_round:
                 self.on_round(RoundOutcome(task.round, task.attempt, False, str(exc)))
             return None

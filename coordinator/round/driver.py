@@ -112,6 +112,10 @@ class RoundDriver:
         refused = policy.submit_refusal(submit, s.key, s.participants)
         if refused is not None:
             return refused
+        if submit.declined is not None:  # kept for the abort reason; nothing else changes
+            with s.lock:
+                s.declined.setdefault(submit.site, submit.declined)
+            return {"ok": True}
         site, summed = submit.site, s.agg.sum
         with s.lock:
             if submit.stage != summed.stage or s.phase != summed.stage:
@@ -243,10 +247,13 @@ class RoundDriver:
     def _abort(self, term: int, rnd: int, attempt: int, reason: str,
                charges: dict[str, dict[str, float]] | None = None) -> None:
         """Abort an attempt. Sites that already sent their privatized update are charged:
-        they spent privacy whether or not the round commits."""
+        they spent privacy whether or not the round commits. Sites that declined the
+        attempt are named first in the reason."""
         s = self.session
-        if charges is None and s is not None and (s.round, s.attempt) == (rnd, attempt):
-            charges = self._charges(s, sorted(s.metrics))
+        if s is not None and (s.round, s.attempt) == (rnd, attempt):
+            if charges is None:
+                charges = self._charges(s, sorted(s.metrics))
+            reason = policy.with_declines(reason, s.declined, len(s.participants))
         self._drop_session()
         r = self._submit(commands.round_abort(term, rnd, attempt, reason, charges or {}))
         log.info("round %s.%s aborted (%s): %s", rnd, attempt, reason, r,

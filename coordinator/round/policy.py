@@ -132,6 +132,15 @@ def too_few(survivors: list[str], min_clients: int) -> str | None:
     return None
 
 
+def with_declines(reason: str, declined: Mapping[str, str], participants: int) -> str:
+    """An abort reason that says first how many sampled sites declined and why (their
+    own budget, say), since that, not the stage that then failed, is the real cause."""
+    if not declined:
+        return reason
+    site, why = sorted(declined.items())[0]
+    return f"{len(declined)} of {participants} sites declined ({site}: {why}); {reason}"[:REASON_CHARS]
+
+
 def failed(what: str, exc: BaseException | str) -> str:
     """An abort reason naming a failure, cut to what the state machine records."""
     return f"{what}: {exc}"[:REASON_CHARS]

@@ -39,6 +39,7 @@ class RoundSession:
     stage_deadline: float = 0.0
     stage_opened: float = 0.0
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    declined: dict[str, str] = field(default_factory=dict)  # site -> why it takes no part
     charge_futures: dict[str, Future] = field(default_factory=dict)
     phase: str = "collect"  # the sum's stage, then aggregate/replicate/commit
     lock: threading.Lock = field(default_factory=threading.Lock)

@@ -298,6 +298,7 @@ class Submit:
     update: bytes | None = None
     num_examples: int | None = None
     secagg: Mapping[str, Any] | None = None
+    declined: str | None = None  # the site takes no part in the attempt, and says why
 
     @property
     def session(self) -> tuple[int, int, int]:
@@ -314,6 +315,8 @@ class Submit:
             out["num_examples"] = self.num_examples
         if self.secagg is not None:
             out["secagg"] = dict(self.secagg)
+        if self.declined is not None:
+            out["declined"] = self.declined
         return out
 
     @classmethod
@@ -335,8 +338,11 @@ class Submit:
             raise WireError("malformed", "num_examples must be a positive integer")
         if body is not None and not isinstance(body, dict):
             raise WireError("malformed", "a secure-aggregation message must be a map")
+        declined = raw.get("declined")
+        if declined is not None and not (isinstance(declined, str) and 0 < len(declined) <= 200):
+            raise WireError("malformed", "declined must be a reason of at most 200 characters")
         return cls(site, rnd, attempt, term, stage, metrics, update=update, num_examples=n,
-                   secagg=body)
+                   secagg=body, declined=declined)
 
 
 # ---------------------------------------------------------------- unsettled DP runs

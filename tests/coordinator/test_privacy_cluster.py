@@ -54,3 +54,25 @@ def test_ledger_charges_caps_and_survives_failover(make_cluster, tmp_path):
     assert rows["dp-0"]["epsilon_spent"] == after["dp-0"]
     assert rows["dp-0"]["epsilon_remaining"] == max(0.0, 1.0 - after["dp-0"])
     assert (tmp_path / "ledger.png").stat().st_size > 1000
+
+
+def test_sites_that_decline_on_their_own_budget_are_the_reason_the_run_stops(make_cluster):
+    """The ledger (budget 8) would sample the sites again, but their own accountants (budget
+    1, planned for one round) decline: the attempts' aborts and the run's stop say so."""
+    own = {**BUDGET, "planned_rounds": 1}
+    c = make_cluster(sites=SITES, budget=(8.0, BUDGET["delta"]), privacy=own)
+    c.admin.call("Train", {"rounds": 3, "config": {
+        "min_clients": 2, "max_attempts": 2, "stage_timeout_s": 3.0, "online_wait_s": 60.0,
+        "collect_timeout_s": 60.0}})
+    deadline = time.monotonic() + 180
+    while not (st := c.admin.call("RoundStatus"))["stopped"]:
+        assert time.monotonic() < deadline, st["history"]
+        time.sleep(1.0)
+    spent = st["last_round"]  # the rounds the sites' own budgets paid for
+    assert 1 <= spent < 3
+    aborted = st["history"][str(spent + 1)]["aborted"]
+    assert len(aborted) == 2 and all(a["reason"].startswith("3 of 3 sites declined (dp-0: ")
+                                     for a in aborted), aborted
+    assert "the site declines" in aborted[0]["reason"]
+    assert st["stopped"]["reason"].startswith(f"round {spent + 1} failed 2 attempts in a row")
+    assert "sites declined" in st["stopped"]["reason"]
