@@ -14,11 +14,13 @@ from coordinator import wire
 from coordinator.core import ledger, ops_runs
 from coordinator.core.checks import REASON_CHARS, Command, Rejected, need
 from coordinator.core.queries import (
+    add_version,
     head,
     holders_quorum,
     last_round,
     open_round_cancelled,
     training_pending,
+    version_index,
 )
 
 State = dict[str, Any]
@@ -121,7 +123,7 @@ def round_commit(state: State, cmd: Command) -> Result:
         raise Rejected("stopped", "the run of this attempt was stopped: it may not commit")
     if parent != r["base"] or parent != head(state):
         raise Rejected("wrong_base", "parent is not the round's base version")
-    if any(v["hash"] == version for v in state["versions"]):
+    if version in version_index(state):
         raise Rejected("exists", "that model version is already committed")
     if not set(survivors) <= set(r["participants"]) or len(set(survivors)) != len(survivors):
         raise Rejected("malformed", "survivors must be distinct participants")
@@ -131,9 +133,8 @@ def round_commit(state: State, cmd: Command) -> Result:
         raise Rejected("malformed", "size must be positive")
     charges = ledger.check_charges(state, cmd, r["participants"])
     ledger.spend(state, r["round"], r["attempt"], charges)
-    state["versions"].append(
-        {"round": r["round"], "hash": version, "parent": parent, "size": size, "holders": holders}
-    )
+    add_version(state, {"round": r["round"], "hash": version, "parent": parent, "size": size,
+                        "holders": holders})
     node = cmd.get("node")
     state["history"][r["round"]]["committed"] = {
         "attempt": r["attempt"], "term": term, "leader": node if isinstance(node, str) else None,

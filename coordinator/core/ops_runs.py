@@ -17,12 +17,14 @@ from typing import Any
 from coordinator import wire
 from coordinator.core.checks import REASON_CHARS, Command, Rejected, need, operator_name
 from coordinator.core.queries import (
+    add_version,
     eligible_sites,
     head,
     holders_quorum,
     last_round,
     run_unevaluated,
     training_pending,
+    version_index,
 )
 from coordinator.core.round_config import validate_round_config
 
@@ -39,7 +41,8 @@ def genesis(state: State, cmd: Command) -> Result:
     size = need(cmd, "size", int)
     holders = holders_quorum(cmd)
     fresh = cmd.get("fresh", False) is True
-    known = next((v for v in state["versions"] if v["hash"] == version), None)
+    at = version_index(state).get(version)
+    known = None if at is None else state["versions"][at]
     if known is not None and known["parent"] is None and (not fresh or known is state["versions"][-1]):
         return {"version": version, "round": known["round"]}  # a retried upload
     if known is not None:
@@ -53,8 +56,8 @@ def genesis(state: State, cmd: Command) -> Result:
     if size <= 0:
         raise Rejected("malformed", "size must be positive")
     rnd = last_round(state) + 1
-    state["versions"].append(
-        {"round": rnd, "hash": version, "parent": None, "size": size, "holders": holders})
+    add_version(state, {"round": rnd, "hash": version, "parent": None, "size": size,
+                        "holders": holders})
     return {"version": version, "round": rnd, "new": True}
 
 

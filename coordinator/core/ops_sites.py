@@ -8,6 +8,7 @@ from typing import Any
 from coordinator import wire
 from coordinator.core import ledger
 from coordinator.core.checks import REASON_CHARS, Command, Rejected, need, operator_name
+from coordinator.core.queries import key_index
 
 State = dict[str, Any]
 Result = dict[str, Any]
@@ -19,9 +20,10 @@ def enroll(state: State, cmd: Command) -> Result:
     key = wire.hex64(cmd.get("public_key"), "public_key")
     if site in state["sites"]:
         raise Rejected("exists", f"site {site!r} is already enrolled (ids are never reused)")
-    if any(rec["public_key"] == key for rec in state["sites"].values()):
+    if key in key_index(state):
         raise Rejected("exists", "that identity key is enrolled for another site")
     budget = ledger.budget(cmd)
+    key_index(state)[key] = site
     state["sites"][site] = {"public_key": key, "revoked": False, "enrolled_seq": state["seq"],
                             "budget": budget, "spent": 0.0, "charges": []}
     return {"site": site}

@@ -15,6 +15,30 @@ def last_round(state: State) -> int:
     return len(state["versions"]) - 1
 
 
+def version_index(state: State) -> dict[str, int]:
+    """Model hash -> the round of its version: a commit checks a new hash in constant time,
+    not by scanning every version (a year of rounds). Built once for a state restored from
+    before the index existed; every replica builds the same."""
+    index = state.get("version_index")
+    if index is None:
+        index = state["version_index"] = {v["hash"]: v["round"] for v in state["versions"]}
+    return index
+
+
+def key_index(state: State) -> dict[str, str]:
+    """Enrolled identity key -> its site, for enrolment's reuse check in constant time."""
+    index = state.get("key_index")
+    if index is None:
+        index = state["key_index"] = {rec["public_key"]: s for s, rec in state["sites"].items()}
+    return index
+
+
+def add_version(state: State, version: dict[str, Any]) -> None:
+    """Append the next version (`versions[i]` is round i's) and index it."""
+    version_index(state)[version["hash"]] = version["round"]
+    state["versions"].append(version)
+
+
 def head(state: State) -> str | None:
     return state["versions"][-1]["hash"] if state["versions"] else None
 

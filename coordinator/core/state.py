@@ -35,6 +35,8 @@ def initial_state() -> State:
         "sites": {},  # site -> {"public_key", "revoked", "enrolled_seq", "budget", "spent",
         #                        "charges", and "quarantined" once the leader found it hostile}
         "versions": [],  # [{"round", "hash", "parent", "size"}], index == round
+        "version_index": {},  # hash -> round (queries.version_index)
+        "key_index": {},  # enrolled identity key -> site (queries.key_index)
         "training": {"target_round": 0, "config": dict(DEFAULT_ROUND_CONFIG)},
         "runs": {},  # run id -> {"id", "task", "status", "config", "first_round", ...}
         "round": None,  # the open round, or None

@@ -456,3 +456,20 @@ def test_the_audit_head_only_grows_and_a_bad_one_changes_nothing() -> None:
         assert not r["ok"] and r["code"] == "malformed", bad
         assert {k: v for k, v in s.items() if k != "seq"} == before
     assert apply(s, commands.audit_head(_head(6)))["ok"] and s["audit_head"] == _head(6)
+
+
+def test_lookups_use_indexes_that_a_restored_state_rebuilds() -> None:
+    """Commits and enrolments check hashes and keys through indexes; a state restored from
+    before the indexes existed builds them on first use, the same on every replica."""
+    s = initial_state()
+    assert apply(s, {"op": "enroll", "site": "a", "public_key": "a" * 64})["ok"]
+    assert apply(s, {"op": "genesis", "version": "0" * 64, "size": 1, "holders": ["n1"],
+                     "cluster_size": 1})["ok"]
+    assert s["version_index"] == {"0" * 64: 0} and s["key_index"] == {"a" * 64: "a"}
+    old = copy.deepcopy(s)
+    del old["version_index"], old["key_index"]
+    refused = apply(old, {"op": "enroll", "site": "b", "public_key": "a" * 64})
+    assert refused["code"] == "exists" and old["key_index"] == {"a" * 64: "a"}
+    assert apply(old, {"op": "genesis", "version": "0" * 64, "size": 1, "holders": ["n1"],
+                       "cluster_size": 1, "fresh": True})["version"] == "0" * 64
+    assert old["version_index"] == s["version_index"]
