@@ -103,7 +103,7 @@ class RoundDriver:
         if submit.stage == wire.EVAL_STAGE:
             ev = self.evaluation
             reply = ev.accept(submit) if ev else wire.error("stale_round", "no evaluation is open")
-            self._notify()
+            self._wake.set()
             return reply
         s = self.session
         if s is None:
@@ -130,7 +130,9 @@ class RoundDriver:
             summed.accept(site, submit)  # raises WireError; changes nothing then
             if submit.metrics:
                 self._start_charge(s, site, dict(submit.metrics))
-        self._notify()
+        # only the driver has new work: no site's task changes until the stage closes,
+        # so the long polls are not woken (each accepted answer woke them all: N^2 a stage)
+        self._wake.set()
         return {"ok": True}
 
     def _start_charge(self, s: RoundSession, site: str, metrics: dict[str, float]) -> None:
