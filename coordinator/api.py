@@ -10,6 +10,7 @@ handler keeps state of its own.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -110,26 +111,45 @@ class NodeApi:
         leader = self.membership.leader_address()
         return {"ok": True, "status": "redirect", "leader": leader.fleet if leader else None}
 
-    def fleet_poll(self, msg: dict[str, Any], caller: Caller) -> Reply:
-        """Long poll: this site's task when there is one, else `idle` after `wait` seconds."""
+    def _poll_start(self, msg: dict[str, Any]) -> tuple[str, float, list[dict[str, Any]] | None]:
+        """(site, deadline, ledger answers) of a Poll: the site authenticated and, on the
+        leader, its late runs queued before it counts as online."""
         site = self._authenticate(msg)
         wait = msg.get("wait", 0.0)
         wait = min(float(wait), wire.POLL_WAIT_MAX_S) if isinstance(wait, int | float) else 0.0
-        deadline = time.monotonic() + max(0.0, wait)
-        ledger: list[dict[str, Any]] | None = None
-        while True:
-            if not self.replica.is_leader():
-                return self._redirect()
-            if ledger is None:  # before `touch`: a site online has its late runs queued
-                ledger = self.driver.settle(site, msg.get("unsettled"))
-            self.online.touch(site)
-            task = self.driver.task_for(site)
-            if task is not None:
-                return {"ok": True, "status": "task", "task": task.to_wire(), "ledger": ledger}
-            left = deadline - time.monotonic()
-            if left <= 0 or self.stopping.is_set():
-                return {"ok": True, "status": "idle", "ledger": ledger}
-            self.bell.wait(min(left, 1.0))
+        ledger = self.driver.settle(site, msg.get("unsettled")) if self.replica.is_leader() else None
+        return site, time.monotonic() + max(0.0, wait), ledger
+
+    def _poll_answer(self, site: str, deadline: float,
+                     ledger: list[dict[str, Any]] | None) -> Reply | None:
+        """The Poll's reply now (a redirect, the site's task, or idle at the deadline), or
+        None to wait for the bell."""
+        if not self.replica.is_leader():
+            return self._redirect()
+        if ledger is None:  # it became the leader while the site waited
+            return {"ok": True, "status": "idle", "ledger": []}
+        self.online.touch(site)
+        task = self.driver.task_for(site)
+        if task is not None:
+            return {"ok": True, "status": "task", "task": task.to_wire(), "ledger": ledger}
+        if time.monotonic() >= deadline or self.stopping.is_set():
+            return {"ok": True, "status": "idle", "ledger": ledger}
+        return None
+
+    def fleet_poll(self, msg: dict[str, Any], caller: Caller) -> Reply:
+        """Long poll: this site's task when there is one, else `idle` after `wait` seconds."""
+        site, deadline, ledger = self._poll_start(msg)
+        while (reply := self._poll_answer(site, deadline, ledger)) is None:
+            self.bell.wait(min(deadline - time.monotonic(), 1.0))
+        return reply
+
+    async def fleet_poll_async(self, msg: dict[str, Any], caller: Caller) -> Reply:
+        """`fleet_poll` on the fleet server's event loop: a waiting site holds no thread.
+        Authentication and the ledger's answers run on its thread pool."""
+        site, deadline, ledger = await asyncio.to_thread(self._poll_start, msg)
+        while (reply := self._poll_answer(site, deadline, ledger)) is None:
+            await self.bell.wait_async(min(deadline - time.monotonic(), 1.0))
+        return reply
 
     def fleet_get_blob(self, msg: dict[str, Any], caller: Caller) -> Reply:
         self._authenticate(msg)

@@ -74,9 +74,10 @@ class Node:
     def _servers(self, config: NodeConfig) -> None:
         limiter = throttle.RateLimiter(throttle.service_limits(config.fleet_limit,
                                                                config.admin_limit))
-        self.fleet_server = rpc.make_server(
-            self.identity, config.self_addr.fleet, {wire.FLEET_SERVICE: self.api.fleet_methods()},
-            workers=config.fleet_workers, observe=self.metrics.observe_rpc, limiter=limiter)
+        self.fleet_server = rpc.AsyncServer(
+            self.identity, config.self_addr.fleet, wire.FLEET_SERVICE, self.api.fleet_methods(),
+            {"Poll": self.api.fleet_poll_async}, workers=config.fleet_workers,
+            observe=self.metrics.observe_rpc, limiter=limiter)
         self.admin_server = rpc.make_server(
             self.identity, config.self_addr.admin, {wire.ADMIN_SERVICE: self.api.admin_methods()},
             observe=self.metrics.observe_rpc, limiter=limiter)
