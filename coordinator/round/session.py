@@ -48,6 +48,16 @@ class RoundSession:
     def key(self) -> tuple[int, int, int]:
         return (self.round, self.attempt, self.term)
 
+    def keys_for(self, site: str) -> dict[str, str]:
+        """The identity keys a site needs: its SecAgg+ neighbours' (whose advertisements it
+        verifies) and its own; none without secure aggregation. All of them would make
+        every task grow with the round (64 KB each at 1,000 sites)."""
+        secagg = self.agg.plan.secagg
+        if secagg is None:
+            return {}
+        mine = secagg.neighbours[site] | {site}
+        return {k: v for k, v in self.identity_keys.items() if k in mine}
+
     def task(self, site: str) -> wire.Task:
         """The current stage's task for one expected site."""
         return wire.Task(
@@ -55,7 +65,7 @@ class RoundSession:
             term=self.term, base=self.base, parent=self.parent, seed=self.seed,
             participants=tuple(sorted(self.participants)), stage=self.agg.sum.stage,
             deadline_s=max(0.0, self.stage_deadline - time.monotonic()),
-            config=site_config(self.config, self.lr), identity_keys=self.identity_keys,
+            config=site_config(self.config, self.lr), identity_keys=self.keys_for(site),
             payload=self.agg.sum.payload_for(site),
         )
 

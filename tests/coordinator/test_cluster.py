@@ -177,6 +177,8 @@ def _forged_advert_is_refused(cluster, site, key, tls):
         term=task["term"], seed=bytes.fromhex(task["seed"]), participants=task["participants"],
         dim=dim, last_global_change=None, compression=cfg["compression"], clip=cfg["clip"],
         max_weight=cfg["max_examples"], secure=True, threshold=cfg["threshold"])
+    # a task carries the identity keys of the site's neighbours and its own, not everyone's
+    assert set(task["identity_keys"]) == plan.secagg.neighbours[site] | {site}
     impostor = Ed25519PrivateKey.generate()
     keys = {s: bytes.fromhex(k) for s, k in task["identity_keys"].items()}
     forged = secagg.SecAggClient(plan.secagg, site, impostor, keys, os.urandom).advertise()
