@@ -17,8 +17,8 @@ def _demo() -> dict:
 @pytest.mark.slow
 def test_demo_json_meets_targets():
     # DP-SGD noise makes the final accuracy a random variable (113 test records: one record
-    # is 0.9 points). 26 runs on this machine (stops 21-22) ended between 0.920 and 0.965,
-    # mean about 0.95, with 3 of them under 0.93 (two in CI runs). Issue 2 asks for 0.93:
+    # is 0.9 points). 22 runs on this machine (stops 21-22) ended between 0.920 and 0.965,
+    # mean about 0.95, 2 of them (both CI runs) under 0.93. Issue 2 asks for 0.93:
     # a run under it is judged on a second, independent run (both under it: about 1 in
     # 100 if draws are independent), and the message shows both runs' rounds.
     result = _demo()
