@@ -112,6 +112,19 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def wait_run(c: LocalCluster, target: int, deadline: float) -> dict[str, Any]:
+    """Round status once `target` is committed, the run stopped, or the deadline passed."""
+    while True:
+        try:
+            st = c.round_status()
+        except Exception:  # a leader change: ask again
+            time.sleep(1.0)
+            continue
+        if st["last_round"] >= target or st.get("stopped") or time.monotonic() > deadline:
+            return st
+        time.sleep(1.0)
+
+
 def run_fedraft(n: int, rounds: int, dim: int, swarms: int, root: Path) -> dict[str, Any]:
     c = LocalCluster(root, num_nodes=3, election=(1.0, 2.0))
     procs: list[subprocess.Popen] = []
@@ -143,17 +156,21 @@ def run_fedraft(n: int, rounds: int, dim: int, swarms: int, root: Path) -> dict[
         c.admin.call("Train", {"rounds": rounds, "config": {
             "clients": n, "min_clients": max(2, n // 2), "compression": 10.0,
             "secure_aggregation": True, "online_wait_s": 300.0, "max_attempts": 3}})
-        st = c.wait_round(before["last_round"] + rounds, timeout=600 + 5 * n)
+        st = wait_run(c, before["last_round"] + rounds, deadline=time.monotonic() + 600 + n)
         wall = time.monotonic() - t1
         cpu = cpu_seconds(pid) - cpu0
-        committed = [st["history"][str(r)]["committed"] for r in range(1, rounds + 1)]
+        committed = [(st["history"].get(str(r)) or {}).get("committed")
+                     for r in range(1, rounds + 1)]
         seconds = [x["metrics"]["seconds"] for x in committed if x]
+        aborts = [a["reason"] for r in range(1, rounds + 1)
+                  for a in (st["history"].get(str(r)) or {}).get("aborted", [])]
         return {"system": "fedraft", "sites": n, "rounds": len(seconds),
                 "round_s_median": round(statistics.median(seconds), 3) if seconds else None,
                 "leader_cpu_s_per_round": round(cpu / max(1, len(seconds)), 3),
                 "leader_changes": len(st["leader_history"]) - changes0,
                 "leader_peak_rss_mb": round(peak_rss_mb(pid), 1),
-                "survivors_min": min(len(x["survivors"]) for x in committed if x),
+                "survivors_min": min((len(x["survivors"]) for x in committed if x), default=0),
+                "aborted_attempts": aborts, "stopped": st.get("stopped"),
                 "wall_s": round(wall, 1)}
     finally:
         for p in procs:
