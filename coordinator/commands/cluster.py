@@ -84,7 +84,8 @@ def cluster_status(config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt =
     console.print(t)
     online = out["clients_online"]
     console.print(f"sites enrolled {out['sites_enrolled']}, online "
-                  f"{len(online) if online is not None else '?'}: {', '.join(online or [])}")
+                  f"{len(online) if online is not None else '?'}"
+                  + (f": {escape(', '.join(online))}" if online else ""))
     if not out["healthy"]:
         err.print("[red]degraded:[/] " + "; ".join(
             ([f"unreachable: {', '.join(down)}"] if down else [])
