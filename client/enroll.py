@@ -223,7 +223,7 @@ def _check_app(app_ref: str, app_dir: str | None) -> tuple[str, str | None]:
     """Refuse, before writing anything, a Flower app the agent could not load; return the
     reference and app directory as site.toml keeps them (directories made absolute, so
     the agent finds them wherever it starts)."""
-    from client.training.flower_host import FlowerAppError, load_client_app
+    from client.training.flower_app import FlowerAppError, load_client_app
 
     try:
         load_client_app(app_ref, app_dir)

@@ -50,47 +50,39 @@ fragile part" below; re-check it on any upgrade.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import os
-import random
-import sys
 import threading
 import time
-import tomllib
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from client.training.protocols import EvalResult, FitResult, Parameters
-
-# Must happen before flwr is imported anywhere in this process: flwr reads the
-# telemetry switch once, at import.
-os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
-os.environ["FLWR_DISABLE_UPDATE_CHECK"] = "1"
-
-import flwr  # noqa: E402
-from flwr.app import (  # noqa: E402
+# flwr's names come through flower_app, which switches flwr's telemetry off first
+from client.training.flower_app import (
     DEFAULT_TTL,
+    FLWR_PINNED,
+    INITIAL_PARAMETERS_ACTION,
+    SERVER_NODE_ID,
     Array,
     ArrayRecord,
+    ClientApp,
     ConfigRecord,
     Context,
+    FlowerApp,
+    FlowerAppError,
     Message,
     MessageType,
     Metadata,
     MetricRecord,
     RecordDict,
+    flatten,
+    flwr,
+    import_attr,
+    resolve_app,
 )
-from flwr.clientapp import ClientApp  # noqa: E402
-
-_FLWR_PINNED = "1.41.0"
-_SERVER_NODE_ID = 1  # flwr.common.constant.SUPERLINK_NODE_ID in 1.41.0
-INITIAL_PARAMETERS_ACTION = "initial_parameters"
+from client.training.protocols import EvalResult, FitResult, Parameters
 
 RUN_CONFIG_FROM_TASK: dict[str, tuple[str, ...]] = {
     "local_epochs": ("local-epochs",),
@@ -102,136 +94,6 @@ RUN_CONFIG_FROM_TASK: dict[str, tuple[str, ...]] = {
 Flower apps read; the one place this mapping lives."""
 
 
-def _disable_flwr_telemetry() -> None:
-    """Belt and braces: if flwr was imported before this module, telemetry read its
-    switch then; turn it off in the module too (an internal name of 1.41.0)."""
-    try:
-        from flwr.supercore import telemetry
-    except ImportError:  # pragma: no cover - layout of another flwr version
-        return
-    if hasattr(telemetry, "FLWR_TELEMETRY_ENABLED"):
-        telemetry.FLWR_TELEMETRY_ENABLED = "0"
-
-
-_disable_flwr_telemetry()
-
-
-class FlowerAppError(RuntimeError):
-    """The hosted ClientApp could not be loaded, failed, or broke the message contract."""
-
-
-# --- where the app comes from: a `flwr new` project directory or module:attribute ------
-
-
-@dataclass(frozen=True)
-class FlowerApp:
-    """A resolved app: what to import, the directory to import it from, and the project's
-    ``[tool.flwr.app.config]`` defaults (flattened)."""
-
-    clientapp: str
-    serverapp: str | None = None
-    app_dir: Path | None = None
-    run_config: Mapping[str, Any] = field(default_factory=dict)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, full))
-        else:
-            flat[full] = value
-    return flat
-
-
-def _project(directory: Path, clientapp: str | None) -> FlowerApp:
-    """The app of ``directory``, read from its ``pyproject.toml`` when it has one."""
-    path = directory / "pyproject.toml"
-    app: Any = {}
-    if path.is_file():
-        try:
-            app = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise FlowerAppError(f"cannot read {path}: {exc.strerror or exc}") from None
-        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise FlowerAppError(f"{path} is not valid TOML ({_one_line(exc)}); fix the file") from None
-    for key in ("tool", "flwr", "app"):  # [tool.flwr.app]
-        app = app.get(key, {}) if isinstance(app, dict) else {}
-    components = app.get("components", {}) if isinstance(app, dict) else {}
-    components = components if isinstance(components, dict) else {}
-    clientapp = clientapp or components.get("clientapp")
-    if not isinstance(clientapp, str) or not clientapp:
-        raise FlowerAppError(f"{path} names no ClientApp; add [tool.flwr.app.components] "
-                             'clientapp = "package.client_app:app"')
-    serverapp = components.get("serverapp")
-    config = app.get("config", {}) if isinstance(app, dict) else {}
-    return FlowerApp(clientapp, serverapp if isinstance(serverapp, str) and serverapp else None,
-                     directory.resolve(), _flatten(config if isinstance(config, dict) else {}))
-
-
-def resolve_app(ref: str, app_dir: str | Path | None = None) -> FlowerApp:
-    """Turn ``--flower-app`` (and ``--app-dir``) into a ``FlowerApp``: a directory is read
-    as a ``flwr new`` project, anything else must be ``package.module:attribute``."""
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        if app_dir is not None:
-            raise FlowerAppError(f"{ref} is a project directory already; drop --app-dir (it goes "
-                                 "with a 'package.module:attribute' reference)")
-        if not (path / "pyproject.toml").is_file():
-            raise FlowerAppError(f"{ref} has no pyproject.toml; give the project directory `flwr new` "
-                                 "made, or 'package.module:attribute' with --app-dir")
-        return _project(path, None)
-    module_name, sep, attr = ref.partition(":")
-    if not sep or not module_name or not attr:
-        raise FlowerAppError(f"app reference {ref!r} must look like 'package.module:attribute' "
-                             "or be a Flower app project directory (one with pyproject.toml)")
-    if app_dir is None:
-        return FlowerApp(ref)
-    directory = Path(app_dir).expanduser()
-    if not directory.is_dir():
-        raise FlowerAppError(f"app directory {app_dir} does not exist; give the directory that "
-                             f"holds package {module_name.split('.')[0]!r}")
-    return _project(directory, ref)
-
-
-def _import_attr(ref: str, app_dir: Path | None, kind: type) -> Any:
-    """Import ``module:attribute`` (attribute may be dotted), ``app_dir`` first on sys.path."""
-    module_name, sep, attr_path = ref.partition(":")
-    if not sep or not module_name or not attr_path:
-        raise FlowerAppError(f"app reference {ref!r} must look like 'package.module:attribute'")
-    if app_dir is not None and str(app_dir) not in sys.path:
-        sys.path.insert(0, str(app_dir))
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        where = f"from {app_dir}" if app_dir is not None else "(not on sys.path)"
-        hint = "" if app_dir is not None else ("; give the app's project directory as --flower-app, "
-                                               "or --app-dir DIR holding the package")
-        raise FlowerAppError(f"cannot import module {module_name!r} of {ref!r} {where}: "
-                             f"{_one_line(exc)}{hint}") from exc
-    except Exception as exc:  # the app's own module failed while importing
-        raise FlowerAppError(f"cannot import module {module_name!r} of {ref!r}: it raised "
-                             f"{type(exc).__name__}: {_one_line(exc)}") from exc
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            raise FlowerAppError(f"{ref!r}: no attribute {part!r}")
-        obj = getattr(obj, part)
-    if not isinstance(obj, kind):
-        raise FlowerAppError(f"{ref!r} is a {type(obj).__name__}, not a flwr {kind.__name__}")
-    return obj
-
-
-def load_client_app(app_ref: str, app_dir: str | Path | None = None) -> ClientApp:
-    """The ClientApp that ``app_ref`` (a project directory or module:attribute) names."""
-    app = resolve_app(app_ref, app_dir)
-    return _import_attr(app.clientapp, app.app_dir, ClientApp)
-
-
 def run_config_for(base: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
     """``context.run_config`` for one call: ``base``, the round's settings renamed by
     ``RUN_CONFIG_FROM_TASK``, then the round's own ``run_config`` mapping if any."""
@@ -241,7 +103,7 @@ def run_config_for(base: Mapping[str, Any], config: Mapping[str, Any]) -> dict[s
             merged.update(dict.fromkeys(names, _config_value(source, config[source])))
     extra = config.get("run_config")
     if isinstance(extra, Mapping):
-        merged.update({k: _config_value(k, v) for k, v in _flatten(extra).items()})
+        merged.update({k: _config_value(k, v) for k, v in flatten(extra).items()})
     return merged
 
 
@@ -258,7 +120,7 @@ def _invoke_client_app(app: ClientApp, context: Context, content: RecordDict, me
     from the process-global ``TaskIdentity`` that only ``flwr-clientapp`` sets. A random
     ``message_id`` stands in for the SuperLink's content hash (nothing here checks it).
     """
-    metadata = Metadata(run_id=context.run_id, message_id=uuid.uuid4().hex, src_node_id=_SERVER_NODE_ID,
+    metadata = Metadata(run_id=context.run_id, message_id=uuid.uuid4().hex, src_node_id=SERVER_NODE_ID,
                         dst_node_id=context.node_id, reply_to_message_id="", group_id=group_id,
                         created_at=time.time(), ttl=float(DEFAULT_TTL), message_type=message_type)
     message = Message(content=content, metadata=metadata)
@@ -286,124 +148,6 @@ def _app_handles(app: ClientApp, message_type: str) -> bool:
     return isinstance(registered, dict) and message_type in registered
 
 
-class _ArraysFound(BaseException):
-    """Stops a ServerApp at its initial arrays; no app's ``except Exception`` catches it."""
-
-
-_GENESIS_LOCK = threading.Lock()  # Strategy.start is patched process-wide while one runs
-
-
-def _first_arrays(messages: Iterable[Message]) -> ArrayRecord:
-    for message in messages:
-        for record in message.content.values() if message.has_content() else ():
-            if isinstance(record, ArrayRecord):
-                return record
-    raise FlowerAppError("the ServerApp sent messages without an ArrayRecord before any initial "
-                         "arrays; have it call strategy.start(initial_arrays=...) first")
-
-
-@contextlib.contextmanager
-def _task_identity() -> Iterator[None]:
-    """Let ``Message(content, dst_node_id, message_type)`` work outside a flwr process
-    (1.41.0 reads the process-global ``TaskIdentity``); restored afterwards."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    for name, value in (("_run_id", 0), ("_node_id", _SERVER_NODE_ID), ("_task_id", 0)):
-        if getattr(TaskIdentity, name) is None:
-            setattr(TaskIdentity, name, value)
-    try:
-        yield
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
-def _stub_grid() -> Any:
-    """A ``Grid`` standing in for the SuperLink: 1000 nodes online (sampling never waits),
-    and the first arrays pushed stop the ServerApp (loops that skip ``Strategy.start``)."""
-    from flwr.serverapp import Grid
-    from flwr.supercore.run import Run
-
-    class StubGrid(Grid):
-        _run = Run.create_empty(0)
-
-        def set_run(self, run: Run) -> None:
-            self._run = run
-
-        @property
-        def run(self) -> Run:
-            return self._run
-
-        def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                           group_id: str, ttl: float | None = None) -> Message:
-            metadata = Metadata(run_id=0, message_id="", src_node_id=_SERVER_NODE_ID,
-                                dst_node_id=dst_node_id, reply_to_message_id="", group_id=group_id,
-                                created_at=time.time(), ttl=float(ttl or DEFAULT_TTL),
-                                message_type=message_type)
-            return Message(content=content, metadata=metadata)
-
-        def get_node_ids(self) -> Iterable[int]:
-            return range(2, 1002)
-
-        def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-            raise _ArraysFound(_first_arrays(messages))
-
-        def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-            return []
-
-        def send_and_receive(self, messages: Iterable[Message], *,
-                             timeout: float | None = None) -> Iterable[Message]:
-            raise _ArraysFound(_first_arrays(messages))
-
-    return StubGrid()
-
-
-def _seed_rngs(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch = sys.modules.get("torch")  # imported by the app if it uses it; never imported here
-    if torch is not None:
-        torch.manual_seed(seed)
-
-
-def _run_server_app_until_arrays(ref: str, app_dir: Path | None, run_config: Mapping[str, Any],
-                                 seed: int | None) -> ArrayRecord:
-    """Run the ServerApp ``ref`` until it hands its initial arrays to ``Strategy.start``
-    (patched for the duration) or sends them through the Grid, and return them."""
-    from flwr.serverapp import ServerApp
-    from flwr.serverapp.strategy import Strategy
-
-    server_app = _import_attr(ref, app_dir, ServerApp)
-
-    def start(self: Any, grid: Any, initial_arrays: Any = None, *args: Any, **kwargs: Any) -> Any:
-        if not isinstance(initial_arrays, ArrayRecord):
-            raise FlowerAppError(f"ServerApp {ref!r} called strategy.start with initial_arrays of "
-                                 f"type {type(initial_arrays).__name__}; pass an ArrayRecord")
-        raise _ArraysFound(initial_arrays)
-
-    context = Context(run_id=0, node_id=_SERVER_NODE_ID, node_config={}, state=RecordDict(),
-                      run_config=dict(run_config))
-    with _GENESIS_LOCK, _task_identity(), contextlib.redirect_stdout(sys.stderr):
-        original = Strategy.__dict__["start"]
-        Strategy.start = start  # type: ignore[method-assign]
-        try:
-            if seed is not None:
-                _seed_rngs(seed)
-            server_app(_stub_grid(), context)
-        except _ArraysFound as found:
-            return found.args[0]
-        except FlowerAppError:
-            raise
-        except Exception as exc:
-            raise FlowerAppError(f"ServerApp {ref!r} raised {type(exc).__name__} before handing over "
-                                 f"its initial arrays: {_one_line(exc)}") from exc
-        finally:
-            Strategy.start = original  # type: ignore[method-assign]
-    raise FlowerAppError(f"ServerApp {ref!r} returned without calling strategy.start(initial_arrays="
-                         "...) or sending arrays; build the initial ArrayRecord there, or register "
-                         f"@app.query({INITIAL_PARAMETERS_ACTION!r}) in the ClientApp")
-
-
 # --- conversions ----------------------------------------------------------------------
 
 
@@ -429,7 +173,7 @@ def _config_value(key: str, value: Any) -> Any:
 
 
 def _to_config_record(config: Mapping[str, Any]) -> ConfigRecord:
-    return ConfigRecord({k: _config_value(k, v) for k, v in _flatten(config).items() if v is not None})
+    return ConfigRecord({k: _config_value(k, v) for k, v in flatten(config).items() if v is not None})
 
 
 def _record(reply: Message, name: str, kind: type, what: str) -> Any:
@@ -509,8 +253,8 @@ class FlowerAppTrainer:
                  node_config: Mapping[str, Any] | None = None, *, app_dir: str | Path | None = None,
                  initial_parameters: Callable[[], Parameters] | None = None, seed: int | None = None,
                  run_id: int = 0, node_id: int = 0) -> None:
-        if flwr.__version__ != _FLWR_PINNED:
-            raise FlowerAppError(f"fedraft hosts ClientApps with flwr {_FLWR_PINNED}; "
+        if flwr.__version__ != FLWR_PINNED:
+            raise FlowerAppError(f"fedraft hosts ClientApps with flwr {FLWR_PINNED}; "
                                  f"found {flwr.__version__}")
         self.project: FlowerApp | None = None
         if isinstance(app_ref, ClientApp):
@@ -519,7 +263,7 @@ class FlowerAppTrainer:
         else:
             self.project = app_ref if isinstance(app_ref, FlowerApp) else resolve_app(app_ref, app_dir)
             self.app_ref = app_ref if isinstance(app_ref, str) else self.project.clientapp
-            self.app = _import_attr(self.project.clientapp, self.project.app_dir, ClientApp)
+            self.app = import_attr(self.project.clientapp, self.project.app_dir, ClientApp)
         self._initial_fn = initial_parameters
         self._seed = seed
         defaults = self.project.run_config if self.project is not None else {}
@@ -559,7 +303,9 @@ class FlowerAppTrainer:
             return _read_arrays(reply, f"a {query!r} message", expected=None)
         if self.project is not None and self.project.serverapp:
             server = self.project.serverapp
-            record = _run_server_app_until_arrays(server, self.project.app_dir, self.base_run_config,
+            from client.training.flower_genesis import server_app_initial_arrays
+
+            record = server_app_initial_arrays(server, self.project.app_dir, self.base_run_config,
                                                   self._seed)
             params = _decode_arrays(record, f"the initial arrays of ServerApp {server!r}", expected=None)
             if not params:

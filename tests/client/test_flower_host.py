@@ -18,7 +18,8 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from client.examples import flower_breast_cancer
-from client.training.flower_host import FlowerAppError, FlowerAppTrainer, load_client_app
+from client.training.flower_app import load_client_app
+from client.training.flower_host import FlowerAppError, FlowerAppTrainer
 from client.training.tasks import evaluate_global
 
 APP_REF = "client.examples.flower_breast_cancer:app"

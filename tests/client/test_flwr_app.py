@@ -23,11 +23,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from client.cli import _trainer_from_config
 from client.config import SiteConfigError, load_site_config
 from client.enroll import BundleError, import_bundle
+from client.training.flower_app import resolve_app
 from client.training.flower_host import (
     RUN_CONFIG_FROM_TASK,
     FlowerAppError,
     FlowerAppTrainer,
-    resolve_app,
     run_config_for,
 )
 from coordinator import wire
