@@ -268,6 +268,7 @@ class RoundDriver:
         a run is evaluated once, not waited on for ever."""
         config = view.config
         deadline = time.monotonic() + config.online_wait_s
+
         def current() -> bool:  # a new run, or a fresh model, ends the evaluation unrecorded
             return (self._leading(term)
                     and self.replica.state.read(run_unevaluated) == (run, version))

@@ -10,6 +10,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -48,6 +49,11 @@ class RoundSession:
     def key(self) -> tuple[int, int, int]:
         return (self.round, self.attempt, self.term)
 
+    @cached_property
+    def roster(self) -> tuple[str, ...]:
+        """The participants in order, sorted once: every task of every stage carries them."""
+        return tuple(sorted(self.participants))
+
     def keys_for(self, site: str) -> dict[str, str]:
         """The identity keys a site needs: its SecAgg+ neighbours' (whose advertisements it
         verifies) and its own; none without secure aggregation. All of them would make
@@ -55,15 +61,15 @@ class RoundSession:
         secagg = self.agg.plan.secagg
         if secagg is None:
             return {}
-        mine = secagg.neighbours[site] | {site}
-        return {k: v for k, v in self.identity_keys.items() if k in mine}
+        keys = self.identity_keys  # O(degree), not O(participants): built once per task
+        return {k: keys[k] for k in (*secagg.neighbours[site], site) if k in keys}
 
     def task(self, site: str) -> wire.Task:
         """The current stage's task for one expected site."""
         return wire.Task(
             federation=self.federation, round=self.round, attempt=self.attempt,
             term=self.term, base=self.base, parent=self.parent, seed=self.seed,
-            participants=tuple(sorted(self.participants)), stage=self.agg.sum.stage,
+            participants=self.roster, stage=self.agg.sum.stage,
             deadline_s=max(0.0, self.stage_deadline - time.monotonic()),
             config=site_config(self.config, self.lr), identity_keys=self.keys_for(site),
             payload=self.agg.sum.payload_for(site),
