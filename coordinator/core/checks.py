@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from coordinator import wire
+from coordinator.core.queries import quorum
 
 Command = dict[str, Any]
 
@@ -41,3 +42,14 @@ def operator_name(cmd: Command) -> str | None:
     if operator is not None and not (isinstance(operator, str) and len(operator) <= 128):
         raise Rejected("malformed", "operator must be a name of at most 128 characters")
     return operator
+
+
+def holders_quorum(cmd: dict[str, Any]) -> list[str]:
+    """The nodes a command says hold a model blob, which must be a quorum of the cluster."""
+    holders = need(cmd, "holders", list)
+    if not all(isinstance(h, str) for h in holders):  # node ids; sorted and hashed below
+        raise Rejected("malformed", "holders must be node ids")
+    size = need(cmd, "cluster_size", int)
+    if size < 1 or len(set(holders)) < quorum(size):
+        raise Rejected("no_quorum", f"blob held by {len(set(holders))} of {size} nodes")
+    return sorted(set(holders))

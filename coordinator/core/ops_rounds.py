@@ -12,11 +12,10 @@ from typing import Any
 
 from coordinator import wire
 from coordinator.core import ledger, ops_runs
-from coordinator.core.checks import REASON_CHARS, Command, Rejected, need
+from coordinator.core.checks import REASON_CHARS, Command, Rejected, holders_quorum, need
 from coordinator.core.queries import (
     add_version,
     head,
-    holders_quorum,
     last_round,
     open_round_cancelled,
     training_pending,

@@ -15,12 +15,11 @@ import re
 from typing import Any
 
 from coordinator import wire
-from coordinator.core.checks import REASON_CHARS, Command, Rejected, need, operator_name
+from coordinator.core.checks import REASON_CHARS, Command, Rejected, holders_quorum, need, operator_name
 from coordinator.core.queries import (
     add_version,
     eligible_sites,
     head,
-    holders_quorum,
     last_round,
     run_unevaluated,
     training_pending,
@@ -33,6 +32,12 @@ Result = dict[str, Any]
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TASK_CHARS = 200
+
+
+def _run_active(state: State) -> Rejected:
+    """Why a fresh model or a new run must wait: one run runs at a time."""
+    return Rejected("run_active", f"run {state['training'].get('run') or '-'} is still running: "
+                    "stop it (fedraft run stop) or wait for it to end")
 
 
 def genesis(state: State, cmd: Command) -> Result:
@@ -51,8 +56,7 @@ def genesis(state: State, cmd: Command) -> Result:
         raise Rejected("exists", "the cluster already has a genesis model; a run that starts "
                        "from a new model uploads it with `fedraft run start --model FILE`")
     if training_pending(state) or state["round"] is not None:
-        raise Rejected("run_active", f"run {state['training'].get('run') or '-'} is still "
-                       "running: stop it (fedraft run stop) or wait for it to end")
+        raise _run_active(state)
     if size <= 0:
         raise Rejected("malformed", "size must be positive")
     rnd = last_round(state) + 1
@@ -89,8 +93,7 @@ def train(state: State, cmd: Command) -> Result:
     if not state["versions"]:
         raise Rejected("no_model", "upload a genesis model first (fedraft model init)")
     if training_pending(state):
-        raise Rejected("run_active", f"run {state['training'].get('run') or '-'} is still "
-                       "running: stop it (fedraft run stop) or wait for it to end")
+        raise _run_active(state)
     run = _run_id(state, cmd)
     config = validate_round_config(cmd.get("config", {}), state["training"]["config"])
     eligible = len(eligible_sites(state))
@@ -149,7 +152,6 @@ def finish_round(state: State) -> None:
         record["last_round"] = last_round(state)
         if last_round(state) >= record["target_round"]:
             record["status"] = "completed"
-
 
 
 def run_evaluated(state: State, cmd: Command) -> Result:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from coordinator.core.checks import Rejected, need
-
 State = dict[str, Any]
 
 
@@ -80,17 +78,6 @@ def run_unevaluated(state: State) -> tuple[str, str] | None:
 
 def quorum(cluster_size: int) -> int:
     return cluster_size // 2 + 1
-
-
-def holders_quorum(cmd: dict[str, Any]) -> list[str]:
-    """The nodes a command says hold a model blob, which must be a quorum of the cluster."""
-    holders = need(cmd, "holders", list)
-    if not all(isinstance(h, str) for h in holders):  # node ids; sorted and hashed below
-        raise Rejected("malformed", "holders must be node ids")
-    size = need(cmd, "cluster_size", int)
-    if size < 1 or len(set(holders)) < quorum(size):
-        raise Rejected("no_quorum", f"blob held by {len(set(holders))} of {size} nodes")
-    return sorted(set(holders))
 
 
 def charge_status(state: State, site: str, rnd: int, attempt: int) -> str:
