@@ -31,6 +31,7 @@ from coordinator.commands.runs import (
     SetOpt,
     TimeoutOpt,
     WaitOpt,
+    leader_status,
     round_config,
     start_run,
     stop_run,
@@ -92,8 +93,7 @@ def round_status(config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt = N
                  cert: CertOpt = None, key: KeyOpt = None, as_json: JsonOpt = False) -> None:
     """Committed rounds, the open round and its progress on the leader."""
     c = operator_client(config, admin, ca, cert, key)
-    ep = run(c.leader_endpoint)
-    st = run(lambda: c.call("RoundStatus", endpoint=ep) if ep else c.call("RoundStatus"))
+    st = run(lambda: leader_status(c))
     if as_json:
         emit(st)
         return

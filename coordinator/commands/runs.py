@@ -86,7 +86,7 @@ def _parse_settings(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _status(c: AdminClient) -> dict[str, Any]:
+def leader_status(c: AdminClient) -> dict[str, Any]:
     """Round status from the leader (its progress is the live one), else any node."""
     ep = c.leader_endpoint()
     return c.call("RoundStatus", endpoint=ep) if ep else c.call("RoundStatus")
@@ -109,7 +109,7 @@ def follow_run(c: AdminClient, run_id: str, timeout: float, show: bool) -> dict[
         bar = progress.add_task(run_id, total=max(0, target - first + 1))
         while True:
             try:
-                st = _status(c)
+                st = leader_status(c)
             except (Unreachable, Refused):
                 if time.monotonic() > deadline:
                     break
@@ -145,7 +145,7 @@ def await_evaluation(c: AdminClient, run_id: str, st: dict[str, Any],
             return st
         time.sleep(0.5)
         try:
-            st = _status(c)
+            st = leader_status(c)
         except (Unreachable, Refused):
             continue
 
@@ -286,7 +286,7 @@ def run_list(config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt = None,
              cert: CertOpt = None, key: KeyOpt = None, as_json: JsonOpt = False) -> None:
     """Every run of the federation, oldest first."""
     c = operator_client(config, admin, ca, cert, key)
-    st = run(lambda: _status(c))
+    st = run(lambda: leader_status(c))
     runs = [run_summary(st, r) for r in st.get("runs", [])]
     if as_json:
         emit({"runs": [{k: v for k, v in r.items() if k != "round_rows"} for r in runs]})
@@ -308,7 +308,7 @@ def run_show(run_id: Annotated[str, typer.Argument(metavar="RUN", help="run id")
              cert: CertOpt = None, key: KeyOpt = None, as_json: JsonOpt = False) -> None:
     """One run: its configuration, each round, the final model and per-site metrics."""
     c = operator_client(config, admin, ca, cert, key)
-    st = run(lambda: _status(c))
+    st = run(lambda: leader_status(c))
     record = _run_of(st, run_id)
     if record is None:
         known = ", ".join(r["id"] for r in st.get("runs", [])) or "none"
