@@ -15,6 +15,7 @@ from typing import Any
 
 from coordinator import wire
 from coordinator.core.round_config import RoundConfig, site_config
+from coordinator.round.policy import site_means
 
 EVAL_METRICS = ("eval_accuracy", "eval_loss")
 """What a site reports of the final model (the names of its per-round evaluation)."""
@@ -74,10 +75,5 @@ class EvalSession:
 
 
 def mean_metrics(reported: dict[str, dict[str, float]]) -> dict[str, float]:
-    """The sites' evaluation averaged without weights (example counts stay private)."""
-    out: dict[str, float] = {"sites": float(len(reported))}
-    for name in EVAL_METRICS:
-        values = [m[name] for m in reported.values() if name in m]
-        if values:
-            out[name] = sum(values) / len(values)
-    return out
+    """The sites' evaluation averaged without weights, and how many sites reported."""
+    return {"sites": float(len(reported)), **site_means(reported.values(), EVAL_METRICS)}

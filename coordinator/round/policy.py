@@ -162,12 +162,24 @@ def round_metrics(survivors: list[str], reported: Mapping[str, Mapping[str, floa
     """
     out: dict[str, float] = {"survivors": float(len(survivors)), "seconds": round(seconds, 3),
                              "upload_values": float(upload_values)}
-    rows = [reported[site] for site in survivors if site in reported]
+    means = site_means([reported[site] for site in survivors if site in reported],
+                       ("eval_accuracy", "eval_loss", "train_loss"))
     for name, key in (("eval_accuracy", "base_accuracy"), ("eval_loss", "base_loss"),
                       ("train_loss", "train_loss")):
+        if name in means:
+            out[key] = means[name]
+    return out
+
+
+def site_means(rows: Iterable[Mapping[str, float]], names: Iterable[str]) -> dict[str, float]:
+    """Each metric's mean over the sites that reported it, unweighted: example counts stay
+    inside the masked vector, never in the clear."""
+    rows = list(rows)
+    out = {}
+    for name in names:
         values = [m[name] for m in rows if name in m]
         if values:
-            out[key] = sum(values) / len(values)
+            out[name] = sum(values) / len(values)
     return out
 
 
