@@ -120,13 +120,19 @@ def _handle(handler: Handler, request: bytes, caller: Caller, deadline: float | 
     token = _call_deadline.set(deadline)
     try:
         return handler(wire.unpack(request), caller)
-    except wire.CodedError as exc:
-        return exc.reply()
-    except Exception:
-        log.exception("handler failed")
-        return wire.error("internal", "internal error; see the node's log")
+    except Exception as exc:
+        return _failed(exc)
     finally:
         _call_deadline.reset(token)
+
+
+def _failed(exc: Exception) -> dict[str, Any]:
+    """A handler's exception as its reply: a coded refusal as it is, anything else as
+    `internal` (logged with its trace here, never sent to the caller)."""
+    if isinstance(exc, wire.CodedError):
+        return exc.reply()
+    log.error("handler failed", exc_info=exc)
+    return wire.error("internal", "internal error; see the node's log")
 
 
 def _wrap(handler: Handler, roles: frozenset[str], service: str = "", method: str = "",
@@ -175,11 +181,8 @@ async def _handle_async(handler: AsyncHandler, request: bytes, caller: Caller,
     token = _call_deadline.set(deadline)
     try:
         return await handler(wire.unpack(request), caller)
-    except wire.CodedError as exc:
-        return exc.reply()
-    except Exception:
-        log.exception("handler failed")
-        return wire.error("internal", "internal error; see the node's log")
+    except Exception as exc:
+        return _failed(exc)
     finally:
         _call_deadline.reset(token)
 
