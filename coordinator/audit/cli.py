@@ -78,6 +78,15 @@ VerifyReadOpt = Annotated[
 ]
 
 
+def _pinned(key: str | None) -> dict[str, Any]:
+    """The verify option that pins the genesis signer (`--key`), if one was given; a key
+    that cannot be read is a usage error."""
+    try:
+        return {"genesis_key": load_public_key(key)} if key else {}
+    except (AuditKeyError, OSError) as exc:
+        _fail(EXIT_USAGE, f"unusable --key: {exc}")
+
+
 def _checked(source: AuditStore | Bundle, key: str | None, verify: bool) -> None:
     """Verify the whole log before any of it is shown: a failure is named and nothing is
     shown (exit 1); unpinned or unverified output says so on stderr."""
@@ -85,13 +94,11 @@ def _checked(source: AuditStore | Bundle, key: str | None, verify: bool) -> None
     if not verify:
         note.print("[yellow]not verified[/] (--no-verify): what follows may have been edited")
         return
-    options: dict[str, Any] = {}
     try:
-        if key:
-            options["genesis_key"] = load_public_key(key)
-    except (AuditKeyError, OSError) as exc:
+        options = _pinned(key)
+    except typer.Exit:
         _close(source)
-        _fail(EXIT_USAGE, f"unusable --key: {exc}")
+        raise
     report: VerifyReport = _read(source, lambda: source.verify(**options))
     if not report.ok:
         _close(source)
@@ -425,12 +432,7 @@ def verify_cmd(
     """
     if blobs is not None and not blobs.is_dir():
         _fail(EXIT_USAGE, f"no blob directory {blobs}")
-    options: dict[str, Any] = {"charge_rel_tol": tolerance, "workers": workers}
-    try:
-        if key:
-            options["genesis_key"] = load_public_key(key)
-    except (AuditKeyError, OSError) as exc:
-        _fail(EXIT_USAGE, f"unusable --key: {exc}")
+    options: dict[str, Any] = {"charge_rel_tol": tolerance, "workers": workers, **_pinned(key)}
     if blobs is not None:
         options["blobs"] = blobs
     if accountant and not charges:
@@ -514,12 +516,7 @@ def report_cmd(
     """Self-contained HTML report: verification, rounds, accuracy and epsilon charts.
     Exit 1 when the log fails verification (the report says so too), 3 when it verifies
     but nothing pinned its signer (no --key)."""
-    options: dict[str, Any] = {}
-    try:
-        if key:
-            options["genesis_key"] = load_public_key(key)
-    except (AuditKeyError, OSError) as exc:
-        _fail(EXIT_USAGE, f"unusable --key: {exc}")
+    options = _pinned(key)
     source = _open(db, bundle)
     try:
         report = _read(source, lambda: source.verify(**options))
@@ -568,10 +565,7 @@ def serve_cmd(
     interrupted; --json prints one line with its URL once it listens."""
     from coordinator.audit.console.launch import LaunchError, launch
 
-    try:
-        genesis_key = load_public_key(key) if key else None
-    except (AuditKeyError, OSError) as exc:
-        _fail(EXIT_USAGE, f"unusable --key: {exc}")
+    genesis_key = _pinned(key).get("genesis_key")
     trusted = _load_head(head) if head is not None else None
     source = _open(db, bundle)
 
