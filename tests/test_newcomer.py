@@ -1,4 +1,5 @@
-"""A newcomer's first hour, literally: the README's one-machine block, run from a shell.
+"""A newcomer's first hour, literally: the README's "Running a real cluster" commands for
+one machine (127.0.0.1), run from a shell.
 
 Certificates, three `fedraft node start`, enrollment bundles, three `fedraft-client`
 processes hosting the shipped `flwr new`-style app on three partitions, a 5-round run,
