@@ -27,10 +27,28 @@ from coordinator.cluster.presence import OnlineSites, TaskBell
 from coordinator.cluster.replica import CommandFailed, Replica
 from coordinator.cluster.rpc import Caller, Handler, time_left
 from coordinator.core import commands
-from coordinator.core.queries import last_round
+from coordinator.core.queries import last_round, round_window
 from coordinator.round.driver import RoundDriver
 
 ADMIN_READERS = frozenset({"operator", "node", "auditor"})
+STATUS_BYTES = 48 * 1024
+"""What one `RoundStatus` reply spends on rounds: a year of them must not reach gRPC's
+message cap (`AdminClient.round_status` pages on)."""
+AUDIT_PAGE = 200  # audit entries per `AuditEntries` reply
+STATUS_RUNS = 50  # the newest runs a status reply lists (`runs_total` counts them all)
+STATUS_LEADERS = 50  # the newest leader changes it lists (`leader_changes` counts them all)
+
+
+def _newest_runs(runs: dict[str, Any], also: str | None) -> list[dict[str, Any]]:
+    """The newest `STATUS_RUNS` runs, and run `also` however old."""
+    ids = list(runs)[-STATUS_RUNS:]
+    if also in runs and also not in ids:
+        ids.insert(0, also)
+    return [runs[i] for i in ids]
+
+
+def _packed_size(obj: Any) -> int:
+    return len(wire.pack({"o": obj}))
 OPERATOR_ONLY = frozenset({"operator"})  # people's decisions: no node makes them itself
 NODE_ONLY = frozenset({"node"})
 FLEET_CALLERS = frozenset({"client"})
@@ -56,6 +74,8 @@ class NodeApi:
     stopping: threading.Event
     disk_full: Callable[[], str | None] = lambda: None  # why this node takes no writes now
     audit_damage: Callable[[], str | None] = lambda: None  # why its audit log stopped
+    # entries of this node's audit log after a command, at most a count (as dicts)
+    audit_entries: Callable[[int, int], list[dict[str, Any]]] = lambda _after, _limit: []
 
     def services(self) -> dict[str, dict[str, tuple[Handler, frozenset[str]]]]:
         """Every method of both APIs with the roles that may call it (for `rpc.make_server`)."""
@@ -80,6 +100,7 @@ class NodeApi:
             "Status": (self.admin_status, ADMIN_READERS),
             "Sites": (self.admin_sites, ADMIN_READERS),
             "RoundStatus": (self.admin_round_status, ADMIN_READERS),
+            "AuditEntries": (self.admin_audit_entries, ADMIN_READERS),
             "GetBlob": (self.admin_get_blob, ADMIN_READERS),
             "Enroll": (self._writing(self.admin_enroll), OPERATOR_ONLY),
             "Revoke": (self._writing(self.admin_revoke), OPERATOR_ONLY),
@@ -218,21 +239,50 @@ class NodeApi:
             for k, v in sorted(sites.items())]}
 
     def admin_round_status(self, msg: dict[str, Any], caller: Caller) -> Reply:
-        view = self.replica.state.read(lambda s: {
-            "last_round": last_round(s),
-            "target_round": s["training"]["target_round"],
-            "stopped": s["training"].get("stopped"),
-            "config": s["training"]["config"],
-            "run": s["training"].get("run"),
-            "runs": list(s.get("runs", {}).values()),
-            "open": s["round"],
-            "versions": [{k: v[k] for k in ("round", "hash", "parent", "size")}
-                         for v in s["versions"]],
-            "history": {str(k): v for k, v in s["history"].items()},
-            "leader_history": s["leader_history"],
-        })
+        """The training state and a bounded window of rounds (`queries.round_window`):
+        the newest by default, or onward from `from_round`; `rounds_end` is the newest
+        round with anything to show, so a reader pages until `rounds_to` reaches it.
+        Only the window is copied under the state's lock."""
+        from_round, run_id = msg.get("from_round"), msg.get("run")
+        if from_round is not None and (type(from_round) is not int or from_round < 0):
+            return wire.error("malformed", "from_round must be an integer >= 0")
+        if run_id is not None and not isinstance(run_id, str):
+            return wire.error("malformed", "run must be a run id")
+
+        def view_of(s: dict[str, Any]) -> dict[str, Any]:
+            window = round_window(s, from_round, STATUS_BYTES, _packed_size)
+            window["versions"] = [{k: v[k] for k in ("round", "hash", "parent", "size")}
+                                  for v in window["versions"]]
+            last = last_round(s)
+            return {
+                "last_round": last,
+                "target_round": s["training"]["target_round"],
+                "stopped": s["training"].get("stopped"),
+                "config": s["training"]["config"],
+                "run": s["training"].get("run"),
+                "runs": _newest_runs(s.get("runs", {}), run_id),
+                "runs_total": len(s.get("runs", {})),
+                "open": s["round"],
+                **window,
+                "rounds_end": last + 1 if last + 1 in s["history"] else last,
+                "history_kept_from": next(iter(s["history"]), None),
+                "leader_history": s["leader_history"][-STATUS_LEADERS:],
+                "leader_changes": max(0, len(s["leader_history"]) - 1),
+            }
+
+        view = self.replica.state.read(view_of)
         view["progress"] = self.driver.progress() if self.replica.is_leader() else None
         return {"ok": True, "node": self.self_addr.id, **view}
+
+    def admin_audit_entries(self, msg: dict[str, Any], caller: Caller) -> Reply:
+        """This node's audit entries for commands after `after` (at most `limit`, capped):
+        a peer that took a snapshot copies the ones its journal no longer holds."""
+        after, limit = msg.get("after"), msg.get("limit", AUDIT_PAGE)
+        if type(after) is not int or after < 0:
+            return wire.error("malformed", "after must be an integer >= 0")
+        if type(limit) is not int or not 0 < limit <= AUDIT_PAGE:
+            return wire.error("malformed", f"limit must be an integer in 1..{AUDIT_PAGE}")
+        return {"ok": True, "entries": self.audit_entries(after, limit)}
 
     # ------------------------------------------------------------ admin API: writes
 

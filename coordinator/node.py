@@ -23,8 +23,10 @@ from coordinator.cluster.disk import MIB, DiskWatch
 from coordinator.cluster.membership import Membership
 from coordinator.cluster.presence import OnlineSites, TaskBell
 from coordinator.cluster.raft_tls import RaftTls
-from coordinator.cluster.replica import Replica
+from coordinator.cluster.replica import AuditLink, Replica
+from coordinator.cluster.snapshot import CompactionPolicy
 from coordinator.core import commands
+from coordinator.core.queries import retained_versions
 from coordinator.round.driver import RoundDriver
 from coordinator.round.mask_pool import MaskPool
 
@@ -46,17 +48,21 @@ class Node:
         self.disk = DiskWatch(config.data_dir, config.min_free_mb * MIB,
                               2 * config.min_free_mb * MIB, on_change=self._disk_changed)
         self.disk.check()  # a node started on a full disk starts paused
+        self.peer_channels = rpc.PeerChannels(self.identity)
         self.audit = AuditWriter(config.audit_db, load_signer(config.audit_key),
-                                 on_written=self.metrics.audit_written)
+                                 on_written=self.metrics.audit_written,
+                                 from_peers=self._audit_from_peers)
         self.blobs = BlobService(BlobStore(config.data_dir / "blobs"), self.id,
-                                 rpc.PeerChannels(self.identity),
+                                 self.peer_channels,
                                  peers=lambda: self.membership.peers(),
                                  cluster_size=lambda: self.membership.cluster_size())
         self.replica = Replica(
             config.self_addr.raft, [p.raft for p in config.peers], config.data_dir / "raft",
             config.raft_password, (config.election_min_s, config.election_max_s),
             on_applied=self._on_applied, join=config.join, bind=config.raft_bind,
-            paused=self.disk.full, tls=RaftTls.from_identity(self.identity, self._node_at), node_id=self.id)
+            paused=self.disk.full, tls=RaftTls.from_identity(self.identity, self._node_at), node_id=self.id,
+            compaction=CompactionPolicy(entries=config.snapshot_entries),
+            audit=AuditLink(self.audit.idle, self.audit.through, self.audit.snapshot_installed))
         self.membership = Membership(self.replica, config, self.identity)
         self.audit_heads = AuditHeadPublisher(self.replica, self.audit.latest_head)
         self.metrics.watch(self._metrics_view())
@@ -68,7 +74,7 @@ class Node:
         self.api = api.NodeApi(config.self_addr, self.replica, self.blobs, self.membership,
                                self.driver, self.online, self.bell, self._stopping,
                                lambda: self.disk.reason() if self.disk.full() else None,
-                               lambda: self.audit.damage)
+                               lambda: self.audit.damage, self._audit_entries)
         self._servers(config)
 
     def _servers(self, config: NodeConfig) -> None:
@@ -107,9 +113,9 @@ class Node:
             host, port = self.metrics.serve(self.config.metrics_bind)
             log.info("node %s serves /metrics on %s:%s", self.id, host, port)
         threading.Thread(target=self.driver.run, name="round-driver", daemon=True).start()
-        committed = lambda: self.replica.state.read(  # noqa: E731
-            lambda s: [v["hash"] for v in s["versions"]])
-        threading.Thread(target=self.blobs.follow, args=(committed, self._stopping),
+        retained = lambda: self.replica.state.read(  # noqa: E731
+            lambda s: sorted(retained_versions(s)))
+        threading.Thread(target=self.blobs.follow, args=(retained, self._stopping),
                          name="blob-fetcher", daemon=True).start()
         threading.Thread(target=self.audit_heads.run, args=(self._stopping,),
                          name="audit-head", daemon=True).start()
@@ -162,6 +168,24 @@ class Node:
         threading.Thread(target=hand_over, name="disk-full-handover", daemon=True).start()
 
     # ------------------------------------------------------------ replicated-state hooks
+
+    def _audit_entries(self, after: int, limit: int) -> list[dict[str, Any]]:
+        return [e.to_dict() for e in self.audit.store.entries_after_raft_index(after, limit)]
+
+    def _audit_from_peers(self, after: int, limit: int) -> list[dict[str, Any]]:
+        """The first peer's audit entries after command `after` (for the catch-up after a
+        snapshot); [] when no peer has any yet."""
+        for peer in self.membership.peers():
+            try:
+                reply = self.peer_channels.get(peer).call(
+                    wire.ADMIN_SERVICE, "AuditEntries", {"after": after, "limit": limit},
+                    timeout=10.0)
+            except Exception as exc:
+                log.debug("audit entries from %s: %s", peer.id, exc)
+                continue
+            if reply.get("ok") and reply.get("entries"):
+                return reply["entries"]
+        return []
 
     def _on_applied(self, command: dict, result: dict, state: dict) -> None:
         """Runs on the Raft thread: only cheap bookkeeping here."""

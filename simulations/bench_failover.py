@@ -144,7 +144,7 @@ class Probe:
                         self.sites_back = now
                 if self.rounds and self.reopened is None and self.killed_round is not None:
                     try:
-                        rs = self._admin.call("RoundStatus", endpoint=ep)
+                        rs = self._admin.round_status(endpoint=ep)
                     except (Unreachable, Refused):
                         continue
                     opened = rs.get("open")
@@ -308,7 +308,7 @@ def bench_rounds(
                 time.sleep(0.02)
                 continue
             try:
-                st = cluster.admin.call("RoundStatus", endpoint=cluster.admin_of(leader))
+                st = cluster.admin.round_status(endpoint=cluster.admin_of(leader))
             except (Unreachable, Refused):
                 continue
             stage = (st.get("progress") or {}).get("stage")
@@ -339,7 +339,7 @@ def bench_rounds(
                 raise TimeoutError(f"round {rnd} not committed {round_timeout}s after the kill")
             for ep in survivors_ep:
                 try:
-                    st = cluster.admin.call("RoundStatus", endpoint=ep)
+                    st = cluster.admin.round_status(endpoint=ep)
                 except (Unreachable, Refused):
                     continue
                 if st["last_round"] >= rnd:
@@ -385,7 +385,7 @@ def bench_rounds(
 
 def undisturbed_round_seconds(cluster: LocalCluster, interrupted: set[int]) -> list[float]:
     """Open-to-commit time (the leader's own metric) of rounds with no aborted attempt."""
-    st = cluster.admin.call("RoundStatus")
+    st = cluster.admin.round_status()
     secs = []
     for r, h in st["history"].items():
         if int(r) in interrupted or h["aborted"] or not h["committed"]:

@@ -133,7 +133,7 @@ def run(sites: int, dim: int, dropout: float, rounds: int, quiet: bool,
         while time.monotonic() < deadline:
             leader = cluster.leader()
             try:
-                st = cluster.admin.call("RoundStatus", endpoint=cluster.admin_of(leader)
+                st = cluster.admin.round_status(endpoint=cluster.admin_of(leader)
                                         if leader else None)
             except (Unreachable, Refused):
                 time.sleep(0.2)
@@ -153,7 +153,7 @@ def run(sites: int, dim: int, dropout: float, rounds: int, quiet: bool,
         seconds = time.monotonic() - t_round
         watch_stop.set()
         watcher.join(5)
-        st = cluster.admin.call("RoundStatus")
+        st = cluster.admin.round_status()
         committed = [st["history"][str(r)]["committed"] for r in range(1, rounds + 1)
                      if st["history"].get(str(r), {}).get("committed")]
         result |= {

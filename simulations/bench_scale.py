@@ -149,8 +149,8 @@ def run_fedraft(n: int, rounds: int, dim: int, swarms: int, root: Path) -> dict[
                                               stdout=fh, stderr=subprocess.STDOUT))
         c.wait_leader(30)
         pids = {k: p.popen.pid for k, p in c.node_procs.items()}  # type: ignore[union-attr]
-        before = c.admin.call("RoundStatus")
-        changes0 = len(before["leader_history"])
+        before = c.admin.round_status()
+        changes0 = before["leader_changes"]
         cpu0 = {k: cpu_seconds(pid) for k, pid in pids.items()}
         t1 = time.monotonic()
         c.admin.call("Train", {"rounds": rounds, "config": {
@@ -168,7 +168,7 @@ def run_fedraft(n: int, rounds: int, dim: int, swarms: int, root: Path) -> dict[
         return {"system": "fedraft", "sites": n, "rounds": len(seconds),
                 "round_s_median": round(statistics.median(seconds), 3) if seconds else None,
                 "leader_cpu_s_per_round": round(cpu / max(1, len(seconds)), 3),
-                "leader_changes": len(st["leader_history"]) - changes0,
+                "leader_changes": st["leader_changes"] - changes0,
                 "leader_peak_rss_mb": round(max(peak_rss_mb(pid) for pid in pids.values()), 1),
                 "survivors_min": min((len(x["survivors"]) for x in committed if x), default=0),
                 "aborted_attempts": aborts, "stopped": st.get("stopped"),

@@ -12,6 +12,12 @@ Each trial picks one fault at random:
 * kill_all:      SIGKILL every node, restart them all after a random downtime
 * stop_leader:   SIGSTOP the leader for a random 0.5-3 s, then SIGCONT
 
+Log compaction under faults: `--snapshot-entries N` makes the nodes snapshot and trim
+their journals every N entries, and `--crash-points P` makes each node exit as SIGKILL
+would, with probability P, at every step of a compaction (snapshot written, snapshot in
+place, journal trimmed); such a node is restarted at once (`crash_restarts`), and
+`--faults kill_all` restricts the faults to killing every node at random points.
+
 After each trial (every node running, a leader that has claimed its term) every node is
 checked once it has applied the leader's commit index:
 
@@ -49,6 +55,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 from node_orphans import sigkill_node, stop_cluster  # noqa: E402
 
 from coordinator import wire  # noqa: E402
+from coordinator.cluster.snapshot import CRASH_EXIT, CRASH_POINTS_ENV  # noqa: E402
 from coordinator.demo.cluster import LocalCluster  # noqa: E402
 from coordinator.ops.admin_client import AdminClient, OperatorConfig, Refused, Unreachable  # noqa: E402
 
@@ -149,7 +156,8 @@ class Views:
 
     def call(self, node_id: str, method: str) -> dict[str, Any] | None:
         try:
-            return self._client(node_id).call(method)
+            client = self._client(node_id)
+            return client.round_status() if method == "RoundStatus" else client.call(method)
         except (Unreachable, Refused):
             self._clients.pop(node_id).close()
             return None
@@ -277,6 +285,7 @@ class Ledger:
         self.confirmed_round = -1
         self.dp_view: dict[str, dict[str, Any]] = {}
         self.notes: list[str] = []
+        self.audit_damaged: set[str] = set()  # "node: why", as Status reported it
 
     def note(self, key: tuple[Any, ...], text: str) -> None:
         if key not in self.violations:
@@ -402,6 +411,9 @@ def check_cluster(
         if sites is None or rs is None:
             raise ChaosStuck(f"{n.id} stopped answering during the check")
         ledger.check_sites(n.id, sites, acked)
+        status = views.call(n.id, "Status")
+        if status is not None and status.get("audit_damaged"):
+            ledger.audit_damaged.add(f"{n.id}: {status['audit_damaged']}")
         lasts.append(ledger.check_chain(n.id, rs))
         ledger.check_overspend(sites, rs)
     ledger.confirm(lasts)
@@ -409,6 +421,40 @@ def check_cluster(
 
 
 # ---------------------------------------------------------------------- faults
+
+
+_starting = threading.Lock()
+
+
+def restart(cluster: LocalCluster, node_id: str) -> bool:
+    """Start a node unless it runs (a crash-point exit may already have been revived)."""
+    with _starting:
+        if cluster.node_procs[node_id].alive:
+            return False
+        cluster.start_node(node_id)
+        return True
+
+
+class Reviver(threading.Thread):
+    """Restarts, at once, every node that left at a compaction crash point (its exit
+    status says so), as a supervisor would."""
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        super().__init__(name="chaos-reviver", daemon=True)
+        self.cluster = cluster
+        self.restarts: Counter[str] = Counter()
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.1):
+            for node_id, proc in self.cluster.node_procs.items():
+                if proc.popen is not None and proc.popen.poll() == CRASH_EXIT:
+                    if restart(self.cluster, node_id):
+                        self.restarts[node_id] += 1
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(5)
 
 
 def inject(
@@ -420,13 +466,13 @@ def inject(
     if fault == "kill_leader":
         sigkill_node(cluster, leader, orphans)
         time.sleep(down)
-        cluster.start_node(leader)
+        restart(cluster, leader)
         return f"SIGKILL leader {leader}, down {down:.1f}s"
     if fault == "kill_follower":
         victim = rng.choice([n.id for n in cluster.nodes if n.id != leader])
         sigkill_node(cluster, victim, orphans)
         time.sleep(down)
-        cluster.start_node(victim)
+        restart(cluster, victim)
         return f"SIGKILL follower {victim}, down {down:.1f}s"
     if fault == "kill_all":
         order = [n.id for n in cluster.nodes]
@@ -435,7 +481,7 @@ def inject(
             sigkill_node(cluster, node_id, orphans)
         time.sleep(down)
         for node_id in order:
-            cluster.start_node(node_id)
+            restart(cluster, node_id)
         return f"SIGKILL all nodes, down {down:.1f}s"
     if fault == "stop_leader":
         pause = rng.uniform(0.5, 3.0)
@@ -514,6 +560,16 @@ def setup(cluster: LocalCluster, sites: int, dp_sites: int, dp: dict[str, float]
     cluster.wait_round(1, timeout=180)
 
 
+def snapshots_taken(cluster: LocalCluster) -> int:
+    """Compactions the nodes logged (their logs survive restarts)."""
+    total = 0
+    for node in cluster.nodes:
+        log_file = cluster.root / node.id / "node.log"
+        if log_file.exists():
+            total += log_file.read_text(errors="replace").count("snapshot at ")
+    return total
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, help="fault trials (default 50; 300 with --long)")
@@ -556,6 +612,12 @@ def main() -> int:
         default=60.0,
         help="seconds to wait for a leader and for catch-up after a fault",
     )
+    ap.add_argument("--snapshot-entries", type=int, default=None,
+                    help="nodes compact their journal every N entries (default: the node default)")
+    ap.add_argument("--crash-points", type=float, default=0.0, metavar="P",
+                    help="each node exits with probability P at every compaction step")
+    ap.add_argument("--faults", default=",".join(FAULTS),
+                    help=f"comma-separated faults to draw from (default {','.join(FAULTS)})")
     ap.add_argument("--root", type=Path, help="cluster directory (default: a temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the cluster directory")
     ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -569,7 +631,14 @@ def main() -> int:
 
     root = args.root or Path(tempfile.mkdtemp(prefix="fedraft-chaos-"))
     started = time.monotonic()
-    cluster = LocalCluster(root, num_nodes=3, election=tuple(args.election))  # type: ignore[arg-type]
+    fault_kinds = [f for f in args.faults.split(",") if f]
+    if not fault_kinds or set(fault_kinds) - set(FAULTS):
+        ap.error(f"--faults: choose from {','.join(FAULTS)}")
+    cluster = LocalCluster(root, num_nodes=3, election=tuple(args.election),  # type: ignore[arg-type]
+                           snapshot_entries=args.snapshot_entries)
+    if args.crash_points:
+        cluster.env[CRASH_POINTS_ENV] = str(args.crash_points)
+    reviver = Reviver(cluster)
     views = Views(cluster)
     ledger = Ledger()
     faults: Counter[str] = Counter()
@@ -580,6 +649,7 @@ def main() -> int:
     first_round = last_round = 0
     try:
         setup(cluster, args.sites, args.dp_sites, dp, progress)
+        reviver.start()
         writer = Writer(
             cluster, f"chaos-{args.seed}-{uuid.uuid4().hex[:6]}", args.write_rate, args.write_timeout
         )
@@ -594,7 +664,7 @@ def main() -> int:
                 # so that charges, aborts and retries happen under the faults at all.
                 gated += 1
                 wait_progress(cluster, views, last_round, args.dp_gate_timeout)
-            fault = rng.choice(FAULTS)
+            fault = rng.choice(fault_kinds)
             time.sleep(rng.uniform(0.0, 0.6))  # land faults in different stages of a round
             what = inject(cluster, views, fault, rng, short=not args.long, orphans=orphans)
             faults[fault] += 1
@@ -616,6 +686,8 @@ def main() -> int:
             p.signal(signal.SIGUSR1)
         time.sleep(2.0)
     finally:
+        if reviver.is_alive():
+            reviver.stop()
         if writer is not None:
             writer.stop()
         for p in cluster.node_procs.values():
@@ -642,6 +714,9 @@ def main() -> int:
         "writes_unanswered": writer.failed if writer else 0,
         "writes_refused": dict(writer.refused) if writer else {},
         "faults": dict(faults),
+        "crash_restarts": sum(reviver.restarts.values()),
+        "audit_damaged": sorted(ledger.audit_damaged),
+        "snapshots": snapshots_taken(cluster),
         "dp_gated_trials": gated,
         "orphans_ended": len(orphans),
         "dp_sites": ledger.dp_view,
@@ -660,7 +735,13 @@ def main() -> int:
         f"(unanswered {result['writes_unanswered']}, refused {refused})"
     )
     print(f"  acknowledged lost      {result['acknowledged_lost']}")
+    if args.snapshot_entries or args.crash_points:
+        print(f"  snapshots taken        {result['snapshots']} "
+              f"(crash-point exits restarted: {result['crash_restarts']})")
     print(f"  repeated versions      {result['repeated_versions']}")
+    print(f"  audit logs damaged     {len(ledger.audit_damaged)}")
+    for why in sorted(ledger.audit_damaged)[:5]:
+        print(f"    {why[:300]}")
     print(f"  committed rounds lost  {result['versions_lost']}")
     spend = "" if ledger.overspend_checked else " (NOT CHECKED: no budget in the replies)"
     print(f"  overspend              {result['overspend']}{spend}")
@@ -685,6 +766,7 @@ def main() -> int:
         and not ledger.violations
         and not ledger.versions_lost
         and not ledger.overspent
+        and not ledger.audit_damaged
         and result["rounds_committed"] > 0
     )
     return 0 if ok else 1

@@ -274,7 +274,7 @@ def journal_trial(t: Trial, damage: Callable[[Path], None]) -> dict[str, Any]:
 def blob_trial(t: Trial, on_leader: bool) -> dict[str, Any]:
     c = t.cluster
     victim = t.leader() if on_leader else t.follower()
-    head = c.admin.call("RoundStatus")["versions"][-1]["hash"]
+    head = c.admin.round_status()["versions"][-1]["hash"]
     path = next((c.blob_dir(victim)).rglob(head + "*"), None)
     if path is None:
         return {"available": True, "served": False, "detected": False, "recovered_s": None}
@@ -282,7 +282,7 @@ def blob_trial(t: Trial, on_leader: bool) -> dict[str, Any]:
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     t0 = time.monotonic()
-    before = c.admin.call("RoundStatus")["last_round"]
+    before = c.admin.round_status()["last_round"]
     try:  # what a site or a peer does: read it (the leader reads its base every round)
         c.admin.call("GetBlob", {"hash": head}, endpoint=c.admin_of(victim))
     except (Unreachable, Refused):
@@ -291,7 +291,7 @@ def blob_trial(t: Trial, on_leader: bool) -> dict[str, Any]:
     recovered = None
     while time.monotonic() - t0 < 60:
         intact = path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == head
-        if intact and c.admin.call("RoundStatus")["last_round"] > before:
+        if intact and c.admin.round_status()["last_round"] > before:
             recovered = time.monotonic() - t0
             break
         time.sleep(0.2)

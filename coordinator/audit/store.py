@@ -478,6 +478,14 @@ class AuditStore:
         found = self._select(_E.raft_index == raft_index)
         return found[0] if found else None
 
+    def entries_after_raft_index(self, raft_index: int, limit: int) -> list[Entry]:
+        """Up to `limit` entries for commands after `raft_index`, in log order: what a peer
+        that took a snapshot copies (`AuditWriter`'s catch-up)."""
+        query = (select(entries_table).where(_E.raft_index > raft_index).order_by(_E.seq)
+                 .limit(limit))
+        with self.engine.connect() as conn:
+            return [entry_from_row(r) for r in conn.execute(query)]
+
     def iter_entries(self, start: int = 0, batch: int = 2000) -> Iterator[Entry]:
         """All entries from seq ``start`` in seq order, fetched in batches."""
         last = start - 1

@@ -5,11 +5,15 @@ every node, keyed by the state machine's apply sequence number (identical on eve
 replica), so appends are idempotent when the journal is replayed after a restart.
 The SQL write happens on a writer thread, never on the Raft thread.
 
-Because every entry is a function of a committed command, a node's log can always be
-rebuilt from its Raft journal (compaction is off, so the journal replays every command
-at start). Damage is therefore named and then healed by a restart: a log whose tail was
-cut gets the missing entries again as the journal replays; a log with a hole or a
-rewritten entry (SQLite) is moved aside to `<file>.damaged-<time>` and written anew.
+Because every entry is a function of a committed command, a node's log can be rebuilt
+from its Raft journal: a node compacts its journal only once its writer is idle
+(`idle`), so the journal holds every command after the log's end. Damage is therefore
+named and then healed by a restart: a log whose tail was cut gets the missing entries
+again as the journal replays; a log with a hole or a rewritten entry (SQLite) is moved
+aside to `<file>.damaged-<time>` and written anew. A node that takes a snapshot (the
+leader's, or its own at start) whose log went further than its own log has a hole no
+journal can fill: the writer copies those entries from a peer, checked one by one
+(`snapshot_installed`).
 While a node runs, the writer checks every few seconds that the stored log is still the
 one it wrote, and stops writing (logging `audit_damaged`) when it is not.
 """
@@ -31,11 +35,14 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from coordinator.audit import AuditSigner, AuditStore
+from coordinator.audit.entry import Entry
 from coordinator.audit.errors import AuditIntegrityError
 from coordinator.core import commands
 
 log = logging.getLogger(__name__)
 
+CATCH_UP_BATCH = 200
+PeerEntries = Callable[[int, int], list[dict[str, Any]]]
 CHECK_EVERY_S = 2.0
 """How often the writer checks that the stored log is still the one it wrote."""
 
@@ -193,16 +200,36 @@ class AuditWriter:
     """Feeds applied commands, in apply order, into this node's SQL audit log."""
 
     def __init__(self, url: str, signer: AuditSigner,
-                 on_written: Callable[[str], None] | None = None) -> None:
+                 on_written: Callable[[str], None] | None = None,
+                 from_peers: PeerEntries | None = None) -> None:
         """`on_written(kind)` hears of each entry actually appended (metrics), not of
-        replays of entries the log already holds."""
+        replays of entries the log already holds. `from_peers(after, limit)` gives a
+        peer's entries for commands after `after` (as dicts), for the catch-up after a
+        snapshot."""
         self.store = open_store(url, signer)
+        self._from_peers = from_peers
         self.damage: str | None = None  # why the stored log stopped being the one written
         self._on_written = on_written
         self._closing = threading.Event()
-        self._queue: queue.Queue[tuple[int, str, dict[str, Any]] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
+        self._through = 0  # the command (state seq) of the last entry in the stored log
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
+
+    def idle(self) -> bool:
+        """Every applied command's entry is stored (and the log is sound): the journal
+        may be compacted up to here without losing what rebuilds the log."""
+        return self.damage is None and self._queue.unfinished_tasks == 0
+
+    def through(self) -> int:
+        """The command (state seq) of the last entry this node's log holds."""
+        return self._through
+
+    def snapshot_installed(self, audit_through: int) -> None:
+        """This node took a snapshot whose log went up to command `audit_through`: once
+        the entries queued before it are written, a log that ends earlier has a hole the
+        journal can no longer fill, and is named damaged."""
+        self._queue.put(("snapshot", audit_through))
 
     def record(self, command: dict[str, Any], result: dict[str, Any], state: dict[str, Any]) -> None:
         """Queue the entry of an applied command. Its payload is copied now: it may share
@@ -219,6 +246,7 @@ class AuditWriter:
         except Exception:
             log.exception("audit log head unreadable")
         written = head.seq if head is not None else -1
+        self._through = head.raft_index if head is not None and head.raft_index else 0
         checked = time.monotonic()
         while True:
             try:
@@ -227,19 +255,70 @@ class AuditWriter:
                 item = ()
             if item is None:
                 return
-            if time.monotonic() - checked >= CHECK_EVERY_S:
-                checked = time.monotonic()
-                self._check()
-            if not item or self.damage is not None:
-                continue  # a damaged log gets nothing more; the journal replays it all
-            seq, kind, payload = item
-            entry = self._append(seq, kind, payload)
-            if entry is None:
+            try:
+                if time.monotonic() - checked >= CHECK_EVERY_S:
+                    checked = time.monotonic()
+                    self._check()
+                if item and self.damage is None:  # a damaged log gets nothing more
+                    written = self._handle(item, written)
+            finally:
+                if item:
+                    self._queue.task_done()
+
+    def _handle(self, item: tuple[Any, ...], written: int) -> int:
+        if item[0] == "snapshot":
+            self._catch_up(item[1])
+            return written
+        seq, kind, payload = item
+        entry = self._append(seq, kind, payload)
+        if entry is None:
+            return written
+        self._through = max(self._through, seq)
+        if entry.seq > written:
+            written = entry.seq
+            if self._on_written is not None:
+                self._on_written(kind)
+        return written
+
+    def _catch_up(self, target: int) -> None:
+        """Copy a peer's entries for the commands up to `target` that this node's snapshot
+        covers and its log lacks. Every node's log holds the same entries (each is a
+        function of a committed command), so the peer's extend this one exactly, and
+        `import_entries` checks each (chain, hash, signature) before it keeps it. Until a
+        peer answers, later entries wait: none lands after a hole."""
+        waited = 0
+        while self._through < target and not self._closing.is_set():
+            try:
+                batch = self._from_peers(self._through, CATCH_UP_BATCH) if self._from_peers else None
+            except Exception as exc:  # peers unreachable (or not known yet): try again
+                log.debug("audit catch-up: %s", exc)
+                batch = []
+            if batch is None:
+                self._damaged(f"this node took a snapshot whose audit log goes on to command "
+                              f"{target}, its own ends at command {self._through}, and it has "
+                              "no peer to copy the entries in between from")
+                return
+            entries = [Entry.from_dict(d) for d in batch]
+            if entries and entries[0].raft_index > target:
+                self._through = target  # no command in the gap wrote an entry
+                return
+            entries = [e for e in entries if e.raft_index <= target]
+            if not entries:
+                if waited % 15 == 0:
+                    log.warning("audit log ends at command %d, its snapshot at %d: waiting "
+                                "for a peer to copy the entries in between from", self._through,
+                                target, extra={"event": "audit_catch_up_waiting"})
+                waited += 1
+                self._closing.wait(2.0)
                 continue
-            if entry.seq > written:
-                written = entry.seq
-                if self._on_written is not None:
-                    self._on_written(kind)
+            try:
+                self.store.import_entries(entries)
+            except AuditIntegrityError as exc:
+                self._damaged(f"a peer's audit entries do not extend this log: {exc}")
+                return
+            self._through = entries[-1].raft_index
+            log.info("audit log: copied %d entries from a peer, now through command %d",
+                     len(entries), self._through, extra={"event": "audit_caught_up"})
 
     def _check(self) -> None:
         if self.damage is not None:
@@ -255,7 +334,8 @@ class AuditWriter:
     def _damaged(self, why: str) -> None:
         self.damage = why
         log.error("audit log damaged: %s; this node stopped writing it. Restart the node: it "
-                  "rebuilds the log from its Raft journal", why, extra={"event": "audit_damaged"})
+                  "rebuilds the log from its Raft journal (and its snapshot's check names "
+                  "what the journal no longer holds)", why, extra={"event": "audit_damaged"})
 
     def _append(self, seq: int, kind: str, payload: dict[str, Any]) -> Any:
         """Append one entry; a database that cannot write now (a full disk, a restarting

@@ -38,6 +38,10 @@ class BlobError(Exception):
     pass
 
 
+COLLECT_EVERY_S = 60.0  # how often a node deletes blobs the retention policy let go
+COLLECT_MIN_AGE_S = 600.0  # never a blob younger than this (an upload not committed yet)
+
+
 class CorruptBlob(BlobError):
     """A blob whose bytes no longer hash to its name; it has been quarantined."""
 
@@ -198,17 +202,43 @@ class BlobService:
             self._missing.add(digest)
             self._wakeup.set()
 
-    def follow(self, committed: Callable[[], list[str]], stopping: threading.Event) -> None:
-        """Check every committed blob this node holds once (damage done while it was down
-        is quarantined), then pull every committed version it lacks from its peers, until
-        `stopping`."""
-        self._missing.update(h for h in committed() if not self.store.intact(h))
+    def follow(self, retained: Callable[[], list[str]], stopping: threading.Event) -> None:
+        """Check every retained blob this node holds once (damage done while it was down
+        is quarantined), then pull every retained version it lacks from its peers, and
+        delete what the retention policy let go (`collect`), until `stopping`."""
+        self._missing.update(h for h in retained() if not self.store.intact(h))
+        collected = time.monotonic()
         while not stopping.is_set():
             self._wakeup.wait(2.0)
             self._wakeup.clear()
             for digest in list(self._missing):
                 if self.store.has(digest) or self.fetch_from_peers(digest):
                     self._missing.discard(digest)
+            if time.monotonic() - collected >= COLLECT_EVERY_S:
+                collected = time.monotonic()
+                keep = set(retained())
+                self._missing &= keep
+                self.collect(keep)
+
+    def collect(self, keep: set[str], min_age_s: float = COLLECT_MIN_AGE_S) -> int:
+        """Delete blobs outside `keep` (`queries.retained_versions`) older than
+        `min_age_s`: a blob stored moments ago may be a version not committed yet."""
+        removed = 0
+        cutoff = time.time() - min_age_s
+        for path in self.store.directory.iterdir():
+            name = path.name
+            if len(name) != 64 or name in keep or not path.is_file():
+                continue
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        if removed:
+            log.info("released %d model blobs outside the retention window", removed,
+                     extra={"event": "blobs_released"})
+        return removed
 
     def wake(self) -> None:
         self._wakeup.set()

@@ -47,6 +47,7 @@ class NodeConfig:
     raft_password: str
     election_min_s: float = 0.8
     election_max_s: float = 1.6
+    snapshot_entries: int = 5_000  # journal entries between two compactions (snapshot + trim)
     audit_key: Path | None = None
     audit_db: str = ""
     fleet_workers: int = 64
@@ -160,7 +161,8 @@ def read_toml(path: Path) -> dict[str, Any]:
 SECTIONS: dict[str, frozenset[str]] = {
     "node": frozenset({"id", "raft", "fleet", "admin", "data_dir", "join"}),
     "tls": frozenset({"ca", "cert", "key"}),
-    "raft": frozenset({"password", "election_min_s", "election_max_s", "bind"}),
+    "raft": frozenset({"password", "election_min_s", "election_max_s", "bind",
+                      "snapshot_entries"}),
     "audit": frozenset({"key", "db"}),
     "metrics": frozenset({"bind"}),
     "log": frozenset({"json"}),
@@ -237,6 +239,7 @@ def load_node_config(path: Path) -> NodeConfig:
         raft_password=password,
         election_min_s=emin,
         election_max_s=emax,
+        snapshot_entries=r.number("raft", "snapshot_entries", int, 5_000, 2),
         join=r.get("node", "join", bool, False),
         raft_bind=raft_bind,
         metrics_bind=metrics_bind,
@@ -260,6 +263,7 @@ def render_node_config(
     audit_key: Path | None = None,
     metrics_bind: str = "",
     join: bool = False,
+    snapshot_entries: int | None = None,
 ) -> str:
     """A node.toml for the given layout; the Raft password comes from the environment."""
     lines = [
@@ -281,6 +285,8 @@ def render_node_config(
         "# password: set FEDRAFT_RAFT_PASSWORD (shared by all nodes, >= 16 characters)",
         f"election_min_s = {election[0]}",
         f"election_max_s = {election[1]}",
+        "# journal entries between two compactions (a durable snapshot, then the trim)",
+        f"snapshot_entries = {snapshot_entries}" if snapshot_entries else "# snapshot_entries = 5000",
         "",
         "[audit]",
         "# the cluster's audit signing key (Ed25519 PEM), the same on every node",

@@ -47,6 +47,7 @@ class Record:
     index: int
     term: int
     digest: bytes  # SHA-256 of the record's bytes (index, term, command)
+    offset: int = 0  # where the record starts in the journal file
 
 
 def record_digest(index: int, term: int, command: bytes) -> bytes:
@@ -82,7 +83,7 @@ def scan(data: bytes) -> list[Record]:
             raise JournalDamaged(f"{where}: index {index} term {term} does not follow index "
                                  f"{records[-1].index} term {records[-1].term}")
         body = data[at + 4: at + 4 + size]
-        records.append(Record(index, term, hashlib.sha256(body).digest()))
+        records.append(Record(index, term, hashlib.sha256(body).digest(), at))
         at += size + 8
     return records
 
@@ -94,8 +95,12 @@ def check(records: Sequence[Record], sums: bytes) -> int:
     if len(sums) % SUM_BYTES:
         sums = sums[: len(sums) - len(sums) % SUM_BYTES]  # a torn last sum: its record is unacked
     count = len(sums) // SUM_BYTES
+    skip = 0  # sums of entries a compaction trimmed from the journal, not yet from its sums
+    while records and skip < count and _sum_index(sums, skip) < records[0].index:
+        skip += 1
+    count -= skip
     for i, rec in enumerate(records[:count]):
-        index, digest = struct.unpack_from("<Q32s", sums, i * SUM_BYTES)
+        index, digest = struct.unpack_from("<Q32s", sums, (skip + i) * SUM_BYTES)
         if index != rec.index or digest != rec.digest:
             raise JournalDamaged(f"record {i + 1} (index {rec.index}, term {rec.term}) does "
                                  "not match its checksum")
@@ -103,6 +108,10 @@ def check(records: Sequence[Record], sums: bytes) -> int:
     if missing > 1:
         raise JournalDamaged(f"{missing} records at the journal's end have no checksum")
     return missing
+
+
+def _sum_index(sums: bytes, i: int) -> int:
+    return struct.unpack_from("<Q", sums, i * SUM_BYTES)[0]
 
 
 def meta_digest(meta: Mapping[str, Any]) -> str:
@@ -130,7 +139,10 @@ class JournalSums:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._open()
+
+    def _open(self) -> None:
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         size = os.fstat(self._fd).st_size
         self._count = size // SUM_BYTES
         os.ftruncate(self._fd, self._count * SUM_BYTES)
@@ -152,6 +164,11 @@ class JournalSums:
 
     def close(self) -> None:
         os.close(self._fd)
+
+    def reopen(self) -> None:
+        """Open the file again after a compaction replaced it (`snapshot.trim_sums_file`)."""
+        os.close(self._fd)
+        self._open()
 
 
 def check_raft_dir(journal: Path) -> list[Record]:

@@ -4,7 +4,8 @@ Each patch reaches into pysyncobj's private attributes, checks that they are whe
 expects them (raising at start if a new pysyncobj moved them) and changes one behaviour:
 
 * `make_journal_durable`: the journal (mmap, never synced) and the term/vote file reach
-  the disk before anything is acknowledged.
+  the disk before anything is acknowledged, and a compaction trims the journal by an
+  atomic rewrite (`snapshot`), not by clearing and refilling it in place.
 * `truncate_only_on_conflict`: a follower deletes log entries only where the leader's
   entry at the same index has another term (Raft, section 5.3); pysyncobj deleted every
   entry after a message's `prevLogIdx`, so a stale or repeated AppendEntries could drop
@@ -33,9 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from pysyncobj import SyncObj
+from pysyncobj.journal import ResizableFile
 from pysyncobj.pickle import to_bytes
 
 from coordinator import durable
+from coordinator.cluster import snapshot
 from coordinator.cluster.journal_check import MAX_TERM, META_SUM, JournalSums, meta_digest
 
 log = logging.getLogger(__name__)
@@ -199,6 +202,11 @@ def make_journal_durable(sync: SyncObj) -> None:
         sums.truncate(0)
         sums.sync()
 
+    def durable_delete_to(entry_to: int) -> None:  # compaction, after the snapshot is durable
+        flush()
+        sums.sync()
+        _trim_journal(journal, sums, entry_to)
+
     def destroy() -> None:  # on the tick thread, after its last write
         destroy_journal()
         sums.close()
@@ -206,6 +214,7 @@ def make_journal_durable(sync: SyncObj) -> None:
     destroy_journal = journal._destroy
     journal.add = durable_add
     journal.deleteEntriesFrom = durable_delete_from
+    journal.deleteEntriesTo = durable_delete_to
     journal.clear = durable_clear
     journal._destroy = destroy
 
@@ -220,6 +229,26 @@ def make_journal_durable(sync: SyncObj) -> None:
         durable.fsync_dir(os.path.dirname(path) or ".")
 
     meta.storeMeta = durable_store
+
+
+def _trim_journal(journal: Any, sums: JournalSums, entry_to: int) -> None:
+    """Drop the journal's first `entry_to` entries (a snapshot holds them) by an atomic
+    rewrite of the file and its sums (`snapshot.trim_journal_file`), then point
+    pysyncobj's journal at the new file."""
+    held = journal._FileJournal__journal
+    if not 0 < entry_to < len(held):
+        return
+    path = Path(journal._FileJournal__journalFile._ResizableFile__fileName)
+    keep_from = held[entry_to][1]
+    end = snapshot.trim_journal_file(path, keep_from)
+    snapshot.crash_point("journal trimmed, its sums not")
+    snapshot.trim_sums_file(sums.path, keep_from)
+    sums.reopen()
+    old = journal._FileJournal__journalFile
+    journal._FileJournal__journalFile = ResizableFile(str(path))
+    old._destroy()
+    journal._FileJournal__journal = held[entry_to:]
+    journal._FileJournal__currentOffset = end
 
 
 # ---------------------------------------------------------------- follower truncation

@@ -4,8 +4,9 @@ One replicated method, `apply_command(dict)`, so method ids never shift (pysynco
 numbers replicated methods by sorted name). The replicated state lives in a
 SyncObjConsumer created before the SyncObj, so the tick thread can never apply a
 journaled command before the state exists. Settings follow shared/notes/pysyncobj.md:
-password always set, batching off, journal and full dump together, compaction
-effectively off, leader fallback close to the election timeout.
+password always set, batching off, journal and full dump together, compaction by
+fedraft's own durable snapshots (`snapshot`), leader fallback close to the election
+timeout.
 
 What pysyncobj 0.3.17 does not do right for us is patched in `raft_patches`: journal
 appends and the term/vote file are synced before they are acknowledged, followers
@@ -22,6 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from pysyncobj.syncobj import SyncObjException
 from pysyncobj.transport import TCPTransport
 
 from coordinator import wire
+from coordinator.cluster import snapshot
 from coordinator.cluster.journal_check import check_raft_dir
 from coordinator.cluster.raft_patches import (
     elect_soon_when_leader_hangs_up,
@@ -54,18 +57,34 @@ REJOIN_MARKER = "REJOIN"
 AppliedHook = Callable[[dict[str, Any], dict[str, Any], dict[str, Any]], None]
 
 
+@dataclass(frozen=True)
+class AuditLink:
+    """What compaction needs of the node's audit writer (`AuditWriter`)."""
+
+    idle: Callable[[], bool] = lambda: True
+    through: Callable[[], int] = lambda: 0
+    snapshot_installed: Callable[[int], None] = lambda _audit_through: None
+
+
 def wall_clock() -> str:
     """This node's UTC time, to the millisecond, as the audit log records it."""
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class ReplicatedState(SyncObjConsumer):
-    def __init__(self, on_applied: AppliedHook) -> None:
-        # Attributes set before super().__init__() are not part of the snapshot.
+    def __init__(self, on_applied: AppliedHook,
+                 on_installed: Callable[[int], None] = lambda _audit_through: None) -> None:
         self._lock = threading.RLock()
         self._on_applied = on_applied
+        self._on_installed = on_installed
         super().__init__()
         self.machine: dict[str, Any] = sm.initial_state()
+
+    def install(self, snap: snapshot.Snapshot) -> None:
+        """Replace the state with a snapshot's (this node's at start, or the leader's)."""
+        with self._lock:
+            self.machine = snap.machine
+        self._on_installed(snap.audit_through)
 
     @replicated
     def apply_command(self, command: dict[str, Any]) -> dict[str, Any]:
@@ -114,16 +133,51 @@ class Replica:
         paused: Callable[[], bool] = lambda: False,
         tls: RaftTls | None = None,
         node_id: str | None = None,
+        compaction: snapshot.CompactionPolicy | None = None,
+        audit: AuditLink | None = None,
     ) -> None:
         """`bind` is the host:port the Raft port listens on: only `self_addr` unless given
         (pysyncobj alone listens on every interface). While `paused()` (its disk is full)
         the replica takes no append, casts no vote and stands for no election. With `tls`
         every Raft connection is mutual TLS between node certificates (`raft_tls`).
         `node_id` is stamped on the commands this node submits (`submitted_by`), beside
-        its wall-clock time (`time`): the audit log records both, the state ignores them."""
+        its wall-clock time (`time`): the audit log records both, the state ignores them.
+        The journal is compacted by `compaction` (`snapshot`), never past what `audit`
+        has written."""
         self.node_id = node_id
+        self.compaction = compaction or snapshot.CompactionPolicy()
+        self.audit = audit or AuditLink()
         data_dir.mkdir(parents=True, exist_ok=True)
-        conf = SyncObjConf(
+        self.state = ReplicatedState(on_applied, self.audit.snapshot_installed)
+        conf = self._conf(data_dir, password, election, on_state_changed, bind or self_addr)
+        self.self_addr = self_addr
+        check_raft_dir(data_dir / "raft.journal")  # damage is named, never replayed
+        snapshot.finish_compaction(data_dir)  # a trim a crash interrupted; a damaged snapshot
+        snapshot.install_durable_rename()
+        reserve_journal_space()  # a full disk is an error, not SIGBUS
+        self.sync = SyncObj(self_addr, peers, conf, consumers=[self.state],
+                            transportClass=tls_transport(tls) if tls else TCPTransport)
+        make_journal_durable(self.sync)
+        truncate_only_on_conflict(self.sync)
+        keep_links_alive(self.sync, interval=election[1] / 4)
+        elect_soon_when_leader_hangs_up(self.sync, spread=min(0.3, election[0] / 3))
+        pause_while(self.sync, paused)
+        refuse_unbounded_terms(self.sync)  # last: it runs first on every message
+        harden_transport(self.sync)
+        self._next_compaction = 0.0
+        self.sync.addOnTickCallback(self._compact_when_due)
+        marker = data_dir / REJOIN_MARKER
+        if self._raw_status()["log_len"] > 1:
+            marker.unlink(missing_ok=True)
+        elif join or marker.exists():
+            hold_elections_until_led(self.sync)
+            log.info("joining a running cluster: no election until a leader calls")
+
+
+    def _conf(self, data_dir: Path, password: str, election: tuple[float, float],
+              on_state_changed: Callable[[int, int], None] | None, bind: str) -> SyncObjConf:
+        """pysyncobj's settings (shared/notes/pysyncobj.md), snapshots through `snapshot`."""
+        return SyncObjConf(
             password=password,
             appendEntriesUseBatch=False,
             raftMinTimeout=election[0],
@@ -136,9 +190,13 @@ class Replica:
             connectionRetryTime=0.25,
             connectionTimeout=election[1],
             journalFile=str(data_dir / "raft.journal"),
-            fullDumpFile=str(data_dir / "raft.dump"),
+            fullDumpFile=str(data_dir / snapshot.SNAPSHOT_NAME),
+            # pysyncobj's own schedule is off: `_compact_when_due` forces each compaction,
+            # through fedraft's durable snapshot files (`snapshot`)
             logCompactionMinEntries=2**62,
             logCompactionMinTime=2**62,
+            serializer=snapshot.writer(lambda: self.state.machine, self.audit.through),
+            deserializer=snapshot.reader(self.state.install),
             dynamicMembershipChange=True,
             useFork=False,
             onStateChanged=on_state_changed,
@@ -147,27 +205,40 @@ class Replica:
             # within seconds, not after pysyncobj's default 10-minute DNS cache
             dnsCacheTime=5.0,
             dnsFailCacheTime=2.0,
-            bindAddress=bind or self_addr,
+            bindAddress=bind,
         )
-        self.self_addr = self_addr
-        self.state = ReplicatedState(on_applied)
-        check_raft_dir(data_dir / "raft.journal")  # damage is named, never replayed
-        reserve_journal_space()  # a full disk is an error, not SIGBUS
-        self.sync = SyncObj(self_addr, peers, conf, consumers=[self.state],
-                            transportClass=tls_transport(tls) if tls else TCPTransport)
-        make_journal_durable(self.sync)
-        truncate_only_on_conflict(self.sync)
-        keep_links_alive(self.sync, interval=election[1] / 4)
-        elect_soon_when_leader_hangs_up(self.sync, spread=min(0.3, election[0] / 3))
-        pause_while(self.sync, paused)
-        refuse_unbounded_terms(self.sync)  # last: it runs first on every message
-        harden_transport(self.sync)
-        marker = data_dir / REJOIN_MARKER
-        if self._raw_status()["log_len"] > 1:
-            marker.unlink(missing_ok=True)
-        elif join or marker.exists():
-            hold_elections_until_led(self.sync)
-            log.info("joining a running cluster: no election until a leader calls")
+
+    # ------------------------------------------------------------ compaction
+
+    def journal_size(self) -> tuple[int, int]:
+        """(entries, bytes) of the Raft journal as it stands."""
+        journal = self.sync._SyncObj__raftLog  # type: ignore[attr-defined]
+        return len(journal), int(journal._FileJournal__currentOffset)
+
+    def _followers_behind(self) -> bool:
+        """On the leader: a follower has not yet got every entry a compaction would trim."""
+        if not self.is_leader():
+            return False
+        applied = self.sync._SyncObj__raftLastApplied  # type: ignore[attr-defined]
+        matches = self.sync._SyncObj__raftMatchIndex  # type: ignore[attr-defined]
+        return any(matches.get(node, 0) < applied - 1 for node in self.sync.otherNodes)
+
+    def _compact_when_due(self) -> None:
+        """On the tick thread, between applies: snapshot now if `compaction` says so.
+        pysyncobj trims the journal on its next tick, once the snapshot is durable."""
+        entries, size = self.journal_size()
+        policy = self.compaction
+        if (entries < policy.entries and size < policy.soft_bytes) or \
+                time.monotonic() < self._next_compaction:
+            return
+        if not snapshot.compaction_due(policy, entries, size, self.audit.idle(),
+                                       self._followers_behind()):
+            return
+        self._next_compaction = time.monotonic() + 1.0  # a failed snapshot is not retried at once
+        self.sync.forceLogCompaction()
+        self.sync._SyncObj__tryLogCompaction()  # type: ignore[attr-defined]
+        log.info("snapshot at %d journal entries (%d bytes)", entries, size,
+                 extra={"event": "raft_snapshot"})
 
     # ------------------------------------------------------------ raft facts
 

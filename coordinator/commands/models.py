@@ -55,7 +55,7 @@ def model_export(version: str, output: Annotated[Path, typer.Option("-o", "--out
             "it is a directory" if output.is_dir() else f"no directory {folder}"))
         raise typer.Exit(EXIT_USAGE)
     c = operator_client(config, admin, ca, cert, key)
-    st = run(lambda: c.call("RoundStatus"))
+    st = run(lambda: c.round_status())
     hashes = [v["hash"] for v in st["versions"]]
     if version == "latest" and hashes:
         matches = [hashes[-1]]

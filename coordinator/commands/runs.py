@@ -86,10 +86,22 @@ def _parse_settings(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def leader_status(c: AdminClient) -> dict[str, Any]:
-    """Round status from the leader (its progress is the live one), else any node."""
+def leader_status(c: AdminClient, from_round: int | None = None,
+                  run_id: str | None = None) -> dict[str, Any]:
+    """Round status from the leader (its progress is the live one), else any node: the
+    newest rounds, or every round from `from_round` (paged); `run_id`'s record is in
+    `runs` however old the run."""
     ep = c.leader_endpoint()
-    return c.call("RoundStatus", endpoint=ep) if ep else c.call("RoundStatus")
+    if from_round is not None:
+        return c.round_status(endpoint=ep, from_round=from_round, run=run_id)
+    return c.call("RoundStatus", {"run": run_id} if run_id else {}, endpoint=ep)
+
+
+def run_status(c: AdminClient, run_id: str) -> dict[str, Any]:
+    """The status with every round of run `run_id` the state holds (for its rows)."""
+    st = leader_status(c, run_id=run_id)
+    record = _run_of(st, run_id)
+    return leader_status(c, record["first_round"], run_id) if record else st
 
 
 def _run_of(st: dict[str, Any], run_id: str) -> dict[str, Any] | None:
@@ -99,7 +111,7 @@ def _run_of(st: dict[str, Any], run_id: str) -> dict[str, Any] | None:
 def follow_run(c: AdminClient, run_id: str, timeout: float, show: bool) -> dict[str, Any]:
     """Poll until the run is no longer running; a live progress bar when `show`."""
     deadline = time.monotonic() + timeout
-    st = run(lambda: c.call("RoundStatus"))
+    st = run(lambda: leader_status(c, run_id=run_id))
     record = _run_of(st, run_id) or {}
     first, target = record.get("first_round", 1), record.get("target_round", 0)
     progress = Progress(TextColumn("{task.description}"), BarColumn(),
@@ -109,7 +121,7 @@ def follow_run(c: AdminClient, run_id: str, timeout: float, show: bool) -> dict[
         bar = progress.add_task(run_id, total=max(0, target - first + 1))
         while True:
             try:
-                st = leader_status(c)
+                st = leader_status(c, run_id=run_id)
             except (Unreachable, Refused):
                 if time.monotonic() > deadline:
                     break
@@ -145,7 +157,7 @@ def await_evaluation(c: AdminClient, run_id: str, st: dict[str, Any],
             return st
         time.sleep(0.5)
         try:
-            st = leader_status(c)
+            st = leader_status(c, run_id=run_id)
         except (Unreachable, Refused):
             continue
 
@@ -246,6 +258,7 @@ def start_run(c: AdminClient, rounds: int, cfg: dict[str, Any], *, name: str | N
         return
     st = follow_run(c, r["run"], timeout, show=not as_json)
     st = await_evaluation(c, r["run"], st, EVALUATION_WAIT_S)
+    st = run(lambda: run_status(c, r["run"]))
     record = _run_of(st, r["run"])
     if record is None:  # a node from before runs: nothing more to say
         raise typer.Exit(EXIT_TIMEOUT)
@@ -308,7 +321,7 @@ def run_show(run_id: Annotated[str, typer.Argument(metavar="RUN", help="run id")
              cert: CertOpt = None, key: KeyOpt = None, as_json: JsonOpt = False) -> None:
     """One run: its configuration, each round, the final model and per-site metrics."""
     c = operator_client(config, admin, ca, cert, key)
-    st = run(lambda: leader_status(c))
+    st = run(lambda: run_status(c, run_id))
     record = _run_of(st, run_id)
     if record is None:
         known = ", ".join(r["id"] for r in st.get("runs", [])) or "none"

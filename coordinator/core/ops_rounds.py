@@ -15,6 +15,7 @@ from coordinator.core import ledger, ops_runs
 from coordinator.core.checks import REASON_CHARS, Command, Rejected, holders_quorum, need
 from coordinator.core.queries import (
     add_version,
+    forget_old_rounds,
     head,
     last_round,
     open_round_cancelled,
@@ -143,6 +144,7 @@ def round_commit(state: State, cmd: Command) -> Result:
     }
     state["round"] = None
     ops_runs.finish_round(state)
+    forget_old_rounds(state, r["round"])
     return {"round": r["round"], "version": version}
 
 

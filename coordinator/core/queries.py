@@ -3,9 +3,16 @@ the operations themselves ask of it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 State = dict[str, Any]
+
+HISTORY_ROUNDS = 1_000
+"""Rounds whose attempts (participants, charges, metrics) the state keeps: older ones
+live in the audit log only, so the state, its snapshots and a restart stay bounded by
+the federation's size, not its age. A late charge for an attempt older than this is
+refused (`not_aborted`)."""
 
 
 def last_round(state: State) -> int:
@@ -101,3 +108,65 @@ def charge_status(state: State, site: str, rnd: int, attempt: int) -> str:
                 return "charged"
             return "chargeable" if site in aborted["participants"] else "uncharged"
     return "pending" if committed is None else "uncharged"
+
+KEEP_VERSIONS = 50
+"""Model versions whose blobs every node keeps: the newest ones, each run's base and
+final model, and the first genesis. Older blobs are deleted (`BlobService.collect`);
+their hashes stay in the state, and their rounds in the audit log."""
+
+
+def retained_versions(state: State) -> set[str]:
+    """The versions the retention policy keeps blobs of (`KEEP_VERSIONS`)."""
+    versions = state["versions"]
+    keep = {v["hash"] for v in versions[-KEEP_VERSIONS:]}
+    if versions:
+        keep.add(versions[0]["hash"])
+    for run in state.get("runs", {}).values():
+        if run.get("base"):
+            keep.add(run["base"])
+        final = min(run.get("target_round", -1), len(versions) - 1)
+        if final >= run.get("first_round", 0):
+            keep.add(versions[final]["hash"])
+    return keep
+
+
+def forget_old_rounds(state: State, newest: int) -> None:
+    """Drop the history and attempt counts of rounds `HISTORY_ROUNDS` before `newest`."""
+    oldest_kept = newest - HISTORY_ROUNDS + 1
+    for table in (state["history"], state["attempts"]):
+        while table:
+            first = next(iter(table))  # rounds are added in order: dicts keep it
+            if first >= oldest_kept:
+                break
+            del table[first]
+
+
+def round_window(state: State, from_round: int | None, budget: int,
+                 size: Callable[[Any], int]) -> dict[str, Any]:
+    """The versions and history of a bounded run of rounds, for `RoundStatus`.
+
+    From `from_round` onward (None: the newest rounds, the open one's attempts included),
+    as many rounds as fit in `budget` bytes by `size` (always at least one):
+    `rounds_from`..`rounds_to` say which; a caller pages on from `rounds_to + 1`.
+    Selecting costs the rounds returned, not all."""
+    last = last_round(state)
+    versions, history = state["versions"], state["history"]
+    end = last + 1 if last + 1 in history else last
+    newest_first = from_round is None
+    rnd = end if newest_first else max(0, from_round)  # type: ignore[arg-type]
+    picked: list[int] = []
+    used = 0
+    while 0 <= rnd <= end:
+        cost = size([versions[rnd] if rnd <= last else None, history.get(rnd)])
+        if picked and used + cost > budget:
+            break
+        picked.append(rnd)
+        used += cost
+        rnd += -1 if newest_first else 1
+    picked.sort()
+    return {
+        "versions": [versions[r] for r in picked if r <= last],
+        "history": {str(r): history[r] for r in picked if r in history},
+        "rounds_from": picked[0] if picked else None,
+        "rounds_to": picked[-1] if picked else None,
+    }

@@ -97,6 +97,7 @@ class LocalCluster:
     # tests only: nodes read `stage:seconds` from this file and the leader lingers at that
     # stage (coordinator.round.faults); set before the nodes start, changed with `hold`
     fault_hold: bool = False
+    snapshot_entries: int | None = None  # the nodes' [raft] snapshot_entries (None: default)
     nodes: list[NodeAddress] = field(default_factory=list)
     metrics_addrs: dict[str, str] = field(default_factory=dict)  # node id -> /metrics host:port
     node_procs: dict[str, Proc] = field(default_factory=dict)
@@ -136,7 +137,8 @@ class LocalCluster:
                               hosts=tuple(dict.fromkeys((host, "127.0.0.1", "localhost"))))
             (d / "node.toml").write_text(render_node_config(
                 node, [p for p in self.nodes if p != node], d / "data", ident.ca, ident.cert,
-                ident.key, self.election, self.audit_key, self.metrics_addrs[node.id]))
+                ident.key, self.election, self.audit_key, self.metrics_addrs[node.id],
+                snapshot_entries=self.snapshot_entries))
             self.node_procs[node.id] = Proc(
                 node.id, [*self.prefix.get(node.id, []), sys.executable, "-m", "coordinator",
                           "node", "start", "--config", str(d / "node.toml"),
@@ -225,7 +227,7 @@ class LocalCluster:
         while time.monotonic() < deadline:
             leader = self.leader()
             try:
-                st = self.admin.call("RoundStatus", endpoint=self.admin_of(leader)) if leader else None
+                st = self.admin.round_status(endpoint=self.admin_of(leader)) if leader else None
             except (Unreachable, Refused):
                 st = None
             progress = (st or {}).get("progress")
@@ -239,13 +241,13 @@ class LocalCluster:
         leader = self.leader()
         if leader:
             ep = self.admin_of(leader)
-        return self.admin.call("RoundStatus", endpoint=ep)
+        return self.admin.round_status(endpoint=ep)
 
     def wait_round(self, target: int, timeout: float = 60.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                st = self.admin.call("RoundStatus")
+                st = self.admin.round_status()
                 if st["last_round"] >= target:
                     return st
             except (Unreachable, Refused):

@@ -46,7 +46,7 @@ def _leader_round(cluster: LocalCluster) -> dict[str, Any] | None:
     if leader is None:
         return None
     try:
-        return cluster.admin.call("RoundStatus", endpoint=cluster.admin_of(leader)) | {
+        return cluster.admin.round_status(endpoint=cluster.admin_of(leader)) | {
             "_leader": leader}
     except (Unreachable, Refused):
         return None
@@ -177,7 +177,7 @@ def _assemble_result(cluster: LocalCluster, st: dict[str, Any], sites: int,
     result = {
         "nodes": len(cluster.nodes), "clients": sites, "rounds_completed": st["last_round"],
         "final_accuracy": round(accuracy[-1], 4), "genesis_accuracy": round(accuracy[0], 4),
-        "leader_changes": max(0, len(st["leader_history"]) - 1),
+        "leader_changes": st["leader_changes"],
         "model_versions": hashes, "genesis_version": genesis,
         "versions_unique": len(set(hashes)) == len(hashes),
         "nodes_agree": agree, "failover": failover, "rounds": rows,
@@ -234,7 +234,7 @@ def _nodes_agree(cluster: LocalCluster, last_round: int, hashes: list[str],
         views = []
         for n in cluster.nodes:
             try:
-                st = cluster.admin.call("RoundStatus", endpoint=n.admin)
+                st = cluster.admin.round_status(endpoint=n.admin)
                 views.append([v["hash"] for v in st["versions"]])
             except (Unreachable, Refused):
                 views.append(None)

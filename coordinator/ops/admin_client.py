@@ -105,6 +105,24 @@ class AdminClient:
             return reply
         raise Unreachable("no admin endpoint answered: " + "; ".join(errors))
 
+    def round_status(self, endpoint: str | None = None, from_round: int = 0,
+                     timeout: float | None = None, run: str | None = None) -> dict[str, Any]:
+        """`RoundStatus` with every round from `from_round` that the state still holds
+        (the last `HISTORY_ROUNDS`; older ones are in the audit log): one reply is bounded
+        (`api.STATUS_BYTES`), so this pages on and joins the pages. Rounds are immutable
+        once committed, so pages from different nodes join consistently. `run`: that
+        run's record is in `runs` however old."""
+        reply = self.call("RoundStatus", {"from_round": from_round, **({"run": run} if run else {})},
+                          endpoint=endpoint, timeout=timeout)
+        versions, history = list(reply["versions"]), dict(reply["history"])
+        while reply["rounds_to"] is not None and reply["rounds_to"] < reply["rounds_end"]:
+            reply = self.call("RoundStatus", {"from_round": reply["rounds_to"] + 1},
+                              endpoint=endpoint, timeout=timeout)
+            versions += reply["versions"]
+            history.update(reply["history"])
+        return {**reply, "versions": versions, "history": history,
+                "rounds_from": versions[0]["round"] if versions else reply["rounds_from"]}
+
     def set_budget(self, site: str, epsilon: float, delta: float | None = None) -> dict[str, Any]:
         """Set an enrolled site's privacy budget (operator certificates only); raises
         Refused below what the site has spent, or for a new delta after its first charge."""
@@ -183,5 +201,8 @@ class AdminClient:
         return status.get("leader_admin")
 
     def close(self) -> None:
+        """Close the channels; a later call dials afresh (a channel whose node was down
+        stays in gRPC's reconnect backoff after the node is back)."""
         for ch in self._channels.values():
             ch.close()
+        self._channels.clear()

@@ -22,6 +22,7 @@ TRY_NEXT_NODE = frozenset({"unavailable", "disk_full"})
 ADMIN_METHODS = (
     "Status", "Enroll", "Revoke", "Sites", "InitModel", "Train", "Stop",
     "RoundStatus", "GetBlob", "PutBlob", "AddNode", "RemoveNode", "TransferLeader",
+    "AuditEntries",
 )
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024

@@ -35,7 +35,7 @@ def cluster(make_module_cluster):
 
 
 def chain_of(cluster: LocalCluster, endpoint: str | None = None) -> list[dict]:
-    return cluster.admin.call("RoundStatus", endpoint=endpoint)["versions"]
+    return cluster.admin.round_status(endpoint=endpoint)["versions"]
 
 
 def assert_one_chain(versions: list[dict]) -> None:
@@ -116,7 +116,7 @@ def test_bad_updates_refused_round_completes_with_others(cluster):
     tls = cluster.site_tls(site)
     leader = cluster.wait_leader()
     ch = wire.Channel(next(n.fleet for n in cluster.nodes if n.id == leader), *tls)
-    before = cluster.admin.call("RoundStatus")["last_round"]
+    before = cluster.admin.round_status()["last_round"]
     cluster.admin.call("Train", {"rounds": 1, "config": {
         **FAST, "collect_timeout_s": 6.0, "secure_aggregation": False, "compression": 1.0,
         "clip": 1000.0}})
@@ -164,7 +164,7 @@ def _forged_advert_is_refused(cluster, site, key, tls):
     from privacy import secagg
     from privacy.plan import make_round_plan
 
-    before = cluster.admin.call("RoundStatus")["last_round"]
+    before = cluster.admin.round_status()["last_round"]
     cluster.admin.call("Train", {"rounds": 1, "config": {**FAST, "stage_timeout_s": 4.0}})
     leader = cluster.wait_leader()
     ch = wire.Channel(next(n.fleet for n in cluster.nodes if n.id == leader), *tls)
@@ -223,7 +223,7 @@ def test_kill_leader_mid_round(cluster):
     while time.monotonic() < deadline and victim is None:
         leader = cluster.leader()
         if leader:
-            st = cluster.admin.call("RoundStatus", endpoint=cluster.admin_of(leader))
+            st = cluster.admin.round_status(endpoint=cluster.admin_of(leader))
             if st["open"] is not None:
                 cluster.kill_node(leader, signal.SIGKILL)
                 victim, opened = leader, st["open"]
@@ -245,7 +245,7 @@ def test_follower_restarted_from_disk_catches_up(cluster):
     leader = cluster.wait_leader()
     follower = next(n.id for n in cluster.nodes if n.id != leader)
     cluster.kill_node(follower, signal.SIGKILL)
-    status = cluster.admin.call("RoundStatus")
+    status = cluster.admin.round_status()
     before = status["last_round"]
     # damage done while it is down: it checks every blob it holds when it starts
     genesis = status["versions"][0]["hash"]
@@ -360,7 +360,7 @@ def test_a_tail_cut_with_its_checkpoints_fails_against_the_committed_head(cluste
 
 
 def test_round_start_cli_sets_any_round_key(cluster):
-    before = cluster.admin.call("RoundStatus")
+    before = cluster.admin.round_status()
     bad = _fedraft(cluster, "round", "start", "--rounds", "1", "--set", "no_such_key=1", "--json")
     assert bad.returncode == 1 and "no_such_key" in bad.stdout + bad.stderr
     malformed = _fedraft(cluster, "round", "start", "--set", "residual_decay", "--json")
@@ -368,7 +368,7 @@ def test_round_start_cli_sets_any_round_key(cluster):
     out_of_range = _fedraft(cluster, "round", "start", "--set", "residual_decay=1.5", "--json")
     assert out_of_range.returncode == 1 and "residual_decay" in out_of_range.stdout + out_of_range.stderr
     # refused requests changed nothing
-    assert cluster.admin.call("RoundStatus")["target_round"] == before["target_round"]
+    assert cluster.admin.round_status()["target_round"] == before["target_round"]
 
     ok = _fedraft(cluster, "round", "start", "--rounds", "1", "--set", "residual_decay=0.9",
                   "--set", "server_lr=1.5", "--set", "compression=4.0", "--set", "lr_final=0.5",
@@ -376,7 +376,7 @@ def test_round_start_cli_sets_any_round_key(cluster):
     assert ok.returncode == 0, ok.stderr[-2000:]
     summary = json.loads(ok.stdout.strip().splitlines()[-1])
     assert summary["last_round"] == summary["target_round"] == before["last_round"] + 1
-    st = cluster.admin.call("RoundStatus")
+    st = cluster.admin.round_status()
     assert st["config"]["residual_decay"] == 0.9 and st["config"]["server_lr"] == 1.5
     assert st["config"]["lr_final"] == 0.5
     assert_one_chain(st["versions"])
@@ -389,7 +389,7 @@ def _damage(path) -> None:
 
 
 def test_a_corrupt_blob_is_never_served_and_heals_on_every_node(cluster):
-    st = cluster.admin.call("RoundStatus")
+    st = cluster.admin.round_status()
     head = st["versions"][-1]["hash"]
     leader = cluster.wait_leader()
     follower = next(n.id for n in cluster.nodes if n.id != leader)

@@ -34,7 +34,7 @@ def cluster(make_module_cluster):
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_leader_killed_at_stage_round_commits_once(cluster, stage):
-    start = cluster.admin.call("RoundStatus")
+    start = cluster.admin.round_status()
     target = start["last_round"] + 1
     cluster.hold(stage, HOLD_S)
     try:
@@ -75,7 +75,7 @@ def test_leader_killed_at_stage_round_commits_once(cluster, stage):
     deadline = time.monotonic() + 30
     while True:
         try:
-            mine = cluster.admin.call("RoundStatus", endpoint=cluster.admin_of(victim))["versions"]
+            mine = cluster.admin.round_status(endpoint=cluster.admin_of(victim))["versions"]
         except (Unreachable, Refused):
             mine = None
         if mine == versions:

@@ -57,13 +57,13 @@ def test_leader_killed_holding_updates_sites_are_charged_late(make_cluster) -> N
 
     # the killed attempt is aborted for the leader change and charged late, site by site
     def late_charged() -> dict[str, Any] | None:
-        history = c.admin.call("RoundStatus")["history"]["1"]
+        history = c.admin.round_status()["history"]["1"]
         killed = next(a for a in history["aborted"] if a["attempt"] == progress["attempt"])
         return killed if set(killed["charges"]) == set(SITES) else None
 
     killed = _until("the late charges", late_charged)
     assert killed["reason"] == "leader_change"
-    st = c.admin.call("RoundStatus")
+    st = c.admin.round_status()
     assert st["history"]["1"]["committed"]["attempt"] > progress["attempt"]
 
     # each site's ledger equals its own accountant: same runs, same epsilon

@@ -90,7 +90,7 @@ def _replicated_view(c: LocalCluster, node: str) -> dict[str, Any] | None:
     """What every node must agree on once healed: chain, round history, leader claims,
     site registry (budgets included)."""
     try:
-        rs = c.admin.call("RoundStatus", endpoint=c.admin_of(node))
+        rs = c.admin.round_status(endpoint=c.admin_of(node))
         sites = c.admin.call("Sites", endpoint=c.admin_of(node))["sites"]
     except (Unreachable, Refused):
         return None
@@ -159,7 +159,7 @@ def test_minority_leader_steps_down_majority_goes_on(cluster: LocalCluster,
 
     deadline = time.monotonic() + 120
     while True:
-        st = c.admin.call("RoundStatus", endpoint=c.admin_of(new))
+        st = c.admin.round_status(endpoint=c.admin_of(new))
         if st["last_round"] >= 1:
             break
         assert time.monotonic() < deadline, "the majority did not finish the round"

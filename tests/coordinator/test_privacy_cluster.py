@@ -34,7 +34,7 @@ def test_ledger_charges_caps_and_survives_failover(make_cluster, tmp_path):
         assert set(st["history"][r]["committed"]["charges"]) <= set(SITES)
     # round 3 never opens: every site is exhausted, so none is sampled
     time.sleep(5)
-    st3 = c.admin.call("RoundStatus")
+    st3 = c.admin.round_status()
     assert st3["last_round"] == 2 and st3["open"] is None
     # the ledger survives the leader's death
     victim = c.wait_leader()
@@ -65,7 +65,7 @@ def test_sites_that_decline_on_their_own_budget_are_the_reason_the_run_stops(mak
         "min_clients": 2, "max_attempts": 2, "stage_timeout_s": 3.0, "online_wait_s": 60.0,
         "collect_timeout_s": 60.0}})
     deadline = time.monotonic() + 180
-    while not (st := c.admin.call("RoundStatus"))["stopped"]:
+    while not (st := c.admin.round_status())["stopped"]:
         assert time.monotonic() < deadline, st["history"]
         time.sleep(1.0)
     spent = st["last_round"]  # the rounds the sites' own budgets paid for

@@ -1,0 +1,158 @@
+"""Raft log compaction (issue 16): fedraft's durable snapshots, the journal trim, and a
+crash at every step of it, on real pysyncobj replicas in real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from coordinator.cluster import snapshot
+from coordinator.cluster.journal_check import JournalDamaged, check_raft_dir, scan
+from coordinator.cluster.replica import Replica
+from coordinator.cluster.snapshot import CompactionPolicy, compaction_due
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_leader(rep: Replica, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not rep.is_leader():
+        assert time.monotonic() < deadline, "a single node never became leader"
+        time.sleep(0.05)
+
+
+def _snap() -> snapshot.Snapshot:
+    return snapshot.Snapshot({"seq": 7, "sites": {"a": 1}}, (b"x", 12, 3), (b"y", 11, 3),
+                             {"n1"}, audit_through=5)
+
+
+def test_a_snapshot_reads_back_and_names_damage() -> None:
+    data = snapshot.encode(_snap())
+    back = snapshot.decode(data)
+    assert back == _snap()
+    assert snapshot.read_header(data) == (11, 3, 12, 3)
+    flipped = bytearray(data)
+    flipped[-3] ^= 1
+    with pytest.raises(JournalDamaged, match="checksum"):
+        snapshot.decode(bytes(flipped))
+    with pytest.raises(JournalDamaged, match="not a fedraft snapshot"):
+        snapshot.decode(data[:20])
+
+
+@pytest.mark.parametrize(("entries", "size", "idle", "behind", "due"), [
+    (10, 100, True, False, False),           # not yet
+    (5_000, 100, True, False, True),         # enough entries
+    (10, 64 << 20, True, False, True),       # enough bytes
+    (5_000, 100, False, False, False),       # the audit writer is behind
+    (5_000, 100, True, True, False),         # a follower still needs the entries
+    (100_000, 100, False, True, True),       # 20x entries: waits for nobody
+    (10, 1 << 30, True, True, True),         # 1 GiB: waits for nobody
+])
+def test_when_a_compaction_is_due(entries: int, size: int, idle: bool, behind: bool,
+                                  due: bool) -> None:
+    assert compaction_due(CompactionPolicy(), entries, size, idle, behind) is due
+
+
+def test_compaction_bounds_the_journal_and_a_restart_keeps_every_write(tmp_path: Path) -> None:
+    addr = f"127.0.0.1:{_free_port()}"
+    policy = CompactionPolicy(entries=20)
+    rep = Replica(addr, [], tmp_path, "pw", (0.2, 0.4), lambda *a: None, compaction=policy)
+    try:
+        _wait_leader(rep)
+        for i in range(90):
+            rep.submit({"op": "barrier", "request_id": f"r{i}"})
+        time.sleep(0.3)
+        entries, _ = rep.journal_size()
+        assert entries < 25, f"journal holds {entries} entries: never compacted"
+    finally:
+        rep.destroy()
+    records = check_raft_dir(tmp_path / "raft.journal")
+    assert records[0].index > 60  # trimmed: the snapshot holds the rest
+    rep = Replica(addr, [], tmp_path, "pw", (0.2, 0.4), lambda *a: None, compaction=policy)
+    try:
+        _wait_leader(rep)
+        held = rep.state.read(lambda s: [f"r{i}" in s["requests"] for i in range(90)])
+        assert all(held)
+        assert rep.submit({"op": "barrier", "request_id": "r5"}).get("replayed") is True
+    finally:
+        rep.destroy()
+
+
+WRITER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from coordinator.cluster.replica import Replica
+    from coordinator.cluster.snapshot import CompactionPolicy
+    rep = Replica(sys.argv[1], [], Path(sys.argv[2]), "pw", (0.2, 0.4), lambda *a: None,
+                  compaction=CompactionPolicy(entries=15))
+    while not rep.is_leader():
+        time.sleep(0.02)
+    for i in range(400):
+        rep.submit({"op": "barrier", "request_id": f"w{sys.argv[3]}-{i}"})
+        print(f"w{sys.argv[3]}-{i}", flush=True)  # acknowledged
+    rep.destroy()
+""")
+
+
+@pytest.mark.parametrize("step", ["snapshot written", "snapshot in place", "journal trimmed"])
+def test_a_crash_at_each_step_of_a_compaction_loses_no_acknowledged_write(
+        tmp_path: Path, step: str) -> None:
+    """A writer process dies (as SIGKILL would end it) at `step` of a compaction; the node
+    that restarts on its files holds every write the dead one acknowledged, and later
+    compactions go on."""
+    addr = f"127.0.0.1:{_free_port()}"
+    env = {**os.environ, snapshot.CRASH_POINTS_ENV: f"0.5@{step}", "PYTHONPATH": str(ROOT)}
+    acked: list[str] = []
+    for life in range(3):
+        proc = subprocess.run([sys.executable, "-c", WRITER, addr, str(tmp_path), str(life)],
+                              env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert proc.returncode == snapshot.CRASH_EXIT, proc.stderr[-2000:]
+        assert f"crash point: exiting at {step}" in proc.stderr
+        acked += proc.stdout.split()
+    assert len(acked) > 10
+    records = scan((tmp_path / "raft.journal").read_bytes())
+    assert snapshot.check_snapshot(tmp_path, records[0].index) is not None
+    rep = Replica(addr, [], tmp_path, "pw", (0.2, 0.4), lambda *a: None)
+    try:
+        _wait_leader(rep)
+        missing = rep.state.read(lambda s: [w for w in acked if w not in s["requests"]])
+        assert missing == []
+    finally:
+        rep.destroy()
+
+
+def test_a_damaged_snapshot_or_a_gap_stops_the_node(tmp_path: Path) -> None:
+    addr = f"127.0.0.1:{_free_port()}"
+    rep = Replica(addr, [], tmp_path, "pw", (0.2, 0.4), lambda *a: None,
+                  compaction=CompactionPolicy(entries=10))
+    try:
+        _wait_leader(rep)
+        for i in range(30):
+            rep.submit({"op": "barrier", "request_id": f"r{i}"})
+        time.sleep(0.3)
+    finally:
+        rep.destroy()
+    dump = tmp_path / snapshot.SNAPSHOT_NAME
+    good = dump.read_bytes()
+    dump.write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))
+    with pytest.raises(JournalDamaged, match="snapshot raft.dump does not match its checksum"):
+        Replica(addr, [], tmp_path, "pw", (0.2, 0.4), lambda *a: None)
+    dump.unlink()
+    with pytest.raises(JournalDamaged, match="snapshot that holds the entries before it is missing"):
+        Replica(addr, [], tmp_path, "pw", (0.2, 0.4), lambda *a: None)
+    dump.write_bytes(good)
+    assert json.dumps(snapshot.check_snapshot(tmp_path, None))  # whole again
