@@ -3,9 +3,26 @@ the operations themselves ask of it."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Generic, TypeVar
 
 State = dict[str, Any]
+T = TypeVar("T")
+
+
+class Fresh(Generic[T]):
+    """A query's result built afresh, sharing no object with the state (new containers of
+    immutable values, or copies). `Replica.state.read` deep-copies what a query returns so
+    no caller holds live state; a Fresh result needs no copy, and copying one that covers
+    every site (100,000 of them) would hold the lock Raft's apply thread needs."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: T) -> None:
+        self.value = value
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Fresh[T]:
+        return self
 
 
 def last_round(state: State) -> int:
@@ -44,8 +61,52 @@ def head(state: State) -> str | None:
 def eligible_sites(state: State) -> list[str]:
     """Enrolled, not revoked and not quarantined (the driver also skips sites whose
     budget is spent)."""
-    return sorted(s for s, rec in state["sites"].items()
-                  if not rec["revoked"] and not rec.get("quarantined"))
+    return sorted(_eligible(state))
+
+
+def _eligible(state: State) -> Iterator[str]:
+    return (s for s, rec in state["sites"].items()
+            if not rec["revoked"] and not rec.get("quarantined"))
+
+
+def eligible_among(state: State, sites: set[str]) -> set[str]:
+    """Those of `sites` (the online ones, say) that `eligible_sites` lists: the cost is
+    the few asked about, not every enrolled site."""
+    known = state["sites"]
+    return {s for s in sites if s in known and not known[s]["revoked"]
+            and not known[s].get("quarantined")}
+
+
+def eligible_count(state: State) -> int:
+    """How many sites `eligible_sites` lists, without sorting them."""
+    return sum(1 for _ in _eligible(state))
+
+
+def budget_keys(state: State) -> Fresh[dict[str, tuple[int, float, float]]]:
+    """Each eligible site's (charges, epsilon, delta): what decides whether its budget pays
+    another round, so the leader re-checks only sites whose key changed. Built fresh (no
+    copy of any site's charges)."""
+    sites = state["sites"]
+    return Fresh({s: (len(sites[s]["charges"]), sites[s]["budget"]["epsilon"],
+                      sites[s]["budget"]["delta"]) for s in _eligible(state)})
+
+
+def charge_histories(state: State, sites: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """The charges of `sites` (for the few whose budget must be checked again)."""
+    return {s: state["sites"][s]["charges"] for s in sites}
+
+
+def site_identity(state: State, site: str) -> tuple[str, bool] | None:
+    """A site's (identity key, revoked), or None if not enrolled: what a request's
+    signature check needs, not the site's whole record (its charges grow every round,
+    and every poll reads this under the lock Raft's apply thread needs)."""
+    rec = state["sites"].get(site)
+    return None if rec is None else (rec["public_key"], rec["revoked"])
+
+
+def identity_keys(state: State, sites: list[str]) -> dict[str, str]:
+    """The enrolled identity keys of `sites` (a round's participants)."""
+    return {s: state["sites"][s]["public_key"] for s in sites}
 
 
 def training_pending(state: State) -> bool:
