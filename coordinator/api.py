@@ -224,7 +224,7 @@ class NodeApi:
         order = self._site_order
 
         def read(s: dict[str, Any]) -> Fresh[Reply]:
-            return Fresh(site_pages.page(s["sites"], order.ids(s["sites"]), query, online))
+            return Fresh(site_pages.page(s, order.ids(s["sites"]), query, online))
 
         page = self.replica.state.read(read).value
         return {"ok": True, "leader": online is not None, **page}

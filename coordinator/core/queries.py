@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
 
+from privacy.accounting import CHARGE_FIELDS
+
 State = dict[str, Any]
 T = TypeVar("T")
 
@@ -48,6 +50,16 @@ def key_index(state: State) -> dict[str, str]:
     return index
 
 
+def revoked_index(state: State) -> dict[str, bool]:
+    """Revoked site -> True: the few revoked among many enrolled, for listing them without
+    a scan of every site. Built once for a state restored from before the index existed."""
+    index = state.get("revoked_index")
+    if index is None:
+        index = state["revoked_index"] = {
+            s: True for s, rec in state["sites"].items() if rec["revoked"]}
+    return index
+
+
 def add_version(state: State, version: dict[str, Any]) -> None:
     """Append the next version (`versions[i]` is round i's) and index it."""
     version_index(state)[version["hash"]] = version["round"]
@@ -82,18 +94,26 @@ def eligible_count(state: State) -> int:
     return sum(1 for _ in _eligible(state))
 
 
-def budget_keys(state: State) -> Fresh[dict[str, tuple[int, float, float]]]:
-    """Each eligible site's (charges, epsilon, delta): what decides whether its budget pays
-    another round, so the leader re-checks only sites whose key changed. Built fresh (no
-    copy of any site's charges)."""
-    sites = state["sites"]
-    return Fresh({s: (len(sites[s]["charges"]), sites[s]["budget"]["epsilon"],
-                      sites[s]["budget"]["delta"]) for s in _eligible(state)})
+def budget_keys(state: State) -> Fresh[tuple[int, dict[str, tuple[int, float, float]]]]:
+    """(how many sites are eligible, each eligible site's (charges, epsilon, delta) where it
+    has been charged): what decides whether a budget pays another round (a site never
+    charged always can), so the leader re-checks only sites whose key changed. Built
+    fresh, no site's charges copied."""
+    count, keys = 0, {}
+    for s, rec in state["sites"].items():
+        if rec["revoked"] or rec.get("quarantined"):
+            continue
+        count += 1
+        if rec["charges"]:
+            keys[s] = (len(rec["charges"]), rec["budget"]["epsilon"], rec["budget"]["delta"])
+    return Fresh((count, keys))
 
 
-def charge_histories(state: State, sites: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """The charges of `sites` (for the few whose budget must be checked again)."""
-    return {s: state["sites"][s]["charges"] for s in sites}
+def charge_histories(state: State, sites: list[str]) -> Fresh[dict[str, list[dict[str, Any]]]]:
+    """The DP parameters of each charge of `sites` (for the few whose budget must be checked
+    again), built fresh."""
+    return Fresh({s: [{k: c[k] for k in CHARGE_FIELDS} for c in state["sites"][s]["charges"]]
+                  for s in sites})
 
 
 def site_identity(state: State, site: str) -> tuple[str, bool] | None:

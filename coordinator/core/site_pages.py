@@ -14,7 +14,7 @@ import bisect
 import copy
 import heapq
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,13 +107,15 @@ def _matches(rec: Mapping[str, Any], site: str, q: PageQuery, online: frozenset[
             and (q.online is None or (site in online) == q.online))
 
 
-def page(sites: Sites, order: list[str], q: PageQuery, online: frozenset[str] | None,
-         scan: int = MAX_SCAN) -> dict[str, Any]:
+def page(state: Mapping[str, Any], order: list[str], q: PageQuery,
+         online: frozenset[str] | None, scan: int = MAX_SCAN) -> dict[str, Any]:
     """The reply's `sites`, `total` (sites matching the filters), `enrolled` and `next`
-    (the cursor of the following page; None on the last). `order` is `sites`' sorted ids
-    (`SiteOrder`); `online` is the leader's online set, None where it is not known (a
-    follower), where an `online` filter is refused. A filtered page looks at `scan`
-    records at most, so it may end short of `limit` with a `next` cursor."""
+    (the cursor of the following page; None on the last). `order` is the sorted ids of
+    the state's sites (`SiteOrder`); `online` is the leader's online set, None where it
+    is not known (a follower), where an `online` filter is refused. The few revoked or
+    online sites are walked by themselves; a page looks at `scan` records at most, so a
+    filtered page may end short of `limit` with a `next` cursor."""
+    sites: Sites = state["sites"]
     known = online if online is not None else frozenset()
     if q.online is not None and online is None:
         raise wire.WireError("not_leader", "only the leader knows which sites are online")
@@ -122,8 +124,11 @@ def page(sites: Sites, order: list[str], q: PageQuery, online: frozenset[str] | 
         rows = [] if rec is None or not _matches(rec, q.site, q, known) else [
             record(q.site, rec, q.site in known, True)]
         return {"sites": rows, "total": len(rows), "enrolled": len(sites), "next": None}
-    if q.online:  # few online among many enrolled: walk them, not every site
-        order = sorted(s for s in known if s in sites)
+    revoked = revoked_ids(state)
+    on = {s for s in known if s in sites}
+    if q.revoked or q.online:  # few revoked or online among many enrolled: walk only them
+        order = sorted(revoked if q.revoked and (not q.online or len(revoked) < len(on))
+                       else on)
     start = 0 if q.after is None else bisect.bisect_right(order, q.after)
     rows: list[dict[str, Any]] = []
     charges = 0
@@ -138,16 +143,28 @@ def page(sites: Sites, order: list[str], q: PageQuery, online: frozenset[str] | 
         if len(rows) == q.limit or charges >= MAX_PAGE_CHARGES:
             break
     more = end + 1 < len(order) and start < len(order)
-    return {"sites": rows, "total": _total(sites, order, q, known), "enrolled": len(sites),
+    return {"sites": rows, "total": _total(sites, revoked, on, q), "enrolled": len(sites),
             "next": order[end] if more else None}
 
 
-def _total(sites: Sites, order: list[str], q: PageQuery, online: frozenset[str]) -> int:
-    if q.revoked is None and q.online is None:
-        return len(sites)
-    if q.revoked is None and q.online:
-        return len(order)
-    return sum(1 for site, rec in sites.items() if _matches(rec, site, q, online))
+def revoked_ids(state: Mapping[str, Any]) -> Collection[str]:
+    """The revoked sites: the state's index of them (`queries.revoked_index`), or, in a
+    state restored from before the index, found by a scan until the next revocation."""
+    index = state.get("revoked_index")
+    if index is None:
+        return {s for s, rec in state["sites"].items() if rec["revoked"]}
+    return index
+
+
+def _total(sites: Sites, revoked: Collection[str], online: set[str], q: PageQuery) -> int:
+    """How many sites match the filters, counted over the few revoked and online ones."""
+    if q.revoked:
+        return sum(1 for s in revoked if q.online is None or (s in online) == q.online)
+    if q.online:
+        return sum(1 for s in online if q.revoked is None or (s in revoked) == q.revoked)
+    excluded = (set(revoked) if q.revoked is False else set()) | (
+        online if q.online is False else set())
+    return len(sites) - len(excluded)
 
 
 def first_online(online: Iterable[str], n: int = FIRST_ONLINE) -> list[str]:

@@ -47,29 +47,24 @@ class ChargePool:
         return self._pool.submit(compute_charge, history, step, site_record["budget"]["delta"],
                                  site_record["spent"])
 
-    def affordable(self, keys: Mapping[str, BudgetKey],
-                   histories: Callable[[list[str]], Mapping[str, list[dict[str, Any]]]],
-                   timeout: float = 60.0) -> set[str]:
-        """Sites whose budget pays another round like their last.
+    def unaffordable(self, keys: Mapping[str, BudgetKey],
+                     histories: Callable[[list[str]], Mapping[str, list[dict[str, Any]]]],
+                     timeout: float = 60.0) -> set[str]:
+        """The charged sites whose budget cannot pay another round like their last.
 
-        `keys` is each eligible site's (charges, epsilon, delta) (`queries.budget_keys`):
-        only a site whose key changed since its last check (charged again, or an
-        operator's `set_budget`) is checked again, its history read through `histories`;
-        a site never charged can always pay. The cache keeps one entry per site.
+        `keys` is each charged eligible site's (charges, epsilon, delta)
+        (`queries.budget_keys`): only a site whose key changed since its last check
+        (charged again, or an operator's `set_budget` made an exhausted site eligible) is
+        checked again, its charges' DP parameters read through `histories`. The cache
+        keeps one entry per site.
         """
-        out, pending = set(), {}
         stale = recheck(keys, self._afford)
         found = histories(stale) if stale else {}
-        for site in stale:
-            history = [{k: c[k] for k in CHARGE_FIELDS} for c in found[site]]
-            _, epsilon, delta = keys[site]
-            pending[site] = self._pool.submit(can_afford_another, history, delta, epsilon)
+        pending = {site: self._pool.submit(can_afford_another, found[site], keys[site][2],
+                                           keys[site][1]) for site in stale}
         for site, fut in pending.items():
             self._afford[site] = (keys[site], bool(fut.result(timeout=timeout)))
-        for site, key in keys.items():
-            if key[0] == 0 or self._afford[site][1]:
-                out.add(site)
-        return out
+        return {site for site in keys if not self._afford[site][1]}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

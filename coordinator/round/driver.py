@@ -314,18 +314,19 @@ class RoundDriver:
         """Wait for enough sites online, then sample; None when leadership was lost."""
         config = view.config
         read = self.replica.state.read
-        eligible = self.charges.affordable(
-            read(budget_keys).value, lambda stale: read(lambda s: charge_histories(s, stale)))
-        if not eligible:
+        eligible, keys = read(budget_keys).value
+        broke = self.charges.unaffordable(
+            keys, lambda stale: read(lambda s: charge_histories(s, stale)).value)
+        if eligible == len(broke):
             self._not_sampled(view, "no enrolled site has privacy budget left for another round")
             time.sleep(1.0)
             return None
-        want = policy.sample_size(config, len(eligible))
+        want = policy.sample_size(config, eligible - len(broke))
         deadline = time.monotonic() + config.online_wait_s
         while True:
             if not self._leading(term):
                 return None
-            online = self.online.online() & eligible
+            online = self._online_eligible() - broke
             decision = policy.sampling(len(online), want, config.min_clients,
                                        time.monotonic() > deadline)
             if decision == "sample":
