@@ -25,6 +25,7 @@ from coordinator.cluster.presence import OnlineSites, TaskBell
 from coordinator.cluster.raft_tls import RaftTls
 from coordinator.cluster.replica import Replica
 from coordinator.core import commands
+from coordinator.core.queries import Fresh
 from coordinator.round.driver import RoundDriver
 from coordinator.round.mask_pool import MaskPool
 
@@ -86,11 +87,12 @@ class Node:
         """The levels /metrics reads at scrape time: Raft status, the ledger, sites online."""
 
         def ledger() -> dict[str, Any]:
-            return self.replica.state.read(lambda s: {
+            # built fresh from numbers and flags: no deep copy of every site under the lock
+            return self.replica.state.read(lambda s: Fresh({
                 "last_round": len(s["versions"]) - 1,
                 "sites": {k: {"spent": v["spent"], "epsilon": v["budget"]["epsilon"],
                               "revoked": v["revoked"]} for k, v in s["sites"].items()},
-            })
+            })).value
 
         def online() -> int:
             # only the leader sees polls (followers redirect), so only its count is real
