@@ -14,7 +14,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -26,8 +26,8 @@ from coordinator.cluster.membership import Change, Membership
 from coordinator.cluster.presence import OnlineSites, TaskBell
 from coordinator.cluster.replica import CommandFailed, Replica
 from coordinator.cluster.rpc import Caller, Handler, time_left
-from coordinator.core import commands
-from coordinator.core.queries import last_round, round_window
+from coordinator.core import commands, site_pages
+from coordinator.core.queries import Fresh, last_round, round_window, site_identity
 from coordinator.round.driver import RoundDriver
 
 ADMIN_READERS = frozenset({"operator", "node", "auditor"})
@@ -76,6 +76,7 @@ class NodeApi:
     audit_damage: Callable[[], str | None] = lambda: None  # why its audit log stopped
     # entries of this node's audit log after a command, at most a count (as dicts)
     audit_entries: Callable[[int, int], list[dict[str, Any]]] = lambda _after, _limit: []
+    _site_order: site_pages.SiteOrder = field(default_factory=site_pages.SiteOrder)
 
     def services(self) -> dict[str, dict[str, tuple[Handler, frozenset[str]]]]:
         """Every method of both APIs with the roles that may call it (for `rpc.make_server`)."""
@@ -120,12 +121,12 @@ class NodeApi:
         site = msg.get("site")
         if not isinstance(site, str):
             raise wire.WireError("malformed", "request names no site")
-        rec = self.replica.state.read(lambda s: s["sites"].get(site))
+        rec = self.replica.state.read(lambda s: site_identity(s, site))
         if rec is None:
             raise wire.WireError("unenrolled", f"site {site!r} is not enrolled in this federation")
-        if rec["revoked"]:
+        if rec[1]:
             raise wire.WireError("revoked", f"site {site!r} has been revoked")
-        wire.verify_signature(msg, rec["public_key"], time.time())
+        wire.verify_signature(msg, rec[0], time.time())
         return site
 
     def _redirect(self) -> Reply:
@@ -208,8 +209,13 @@ class NodeApi:
             return wire.error("malformed", "data must be bytes")
         return {"ok": True, "hash": self.blobs.store.put(data)}
 
+    def _online(self) -> frozenset[str] | None:
+        """The sites polling this node recently, where that is known: on the leader."""
+        return frozenset(self.online.online()) if self.replica.is_leader() else None
+
     def admin_status(self, msg: dict[str, Any], caller: Caller) -> Reply:
         raft = self.replica.status()
+        online = self._online()
         view = self.replica.state.read(lambda s: {
             "fence_term": s["fence_term"], "leader_node": s["leader"],
             "leader_changes": max(0, len(s["leader_history"]) - 1),
@@ -225,18 +231,24 @@ class NodeApi:
             "leader_admin": leader.admin if leader else None,
             "nodes": self.membership.nodes(),
             "self": {"id": me.id, "raft": me.raft, "fleet": me.fleet, "admin": me.admin},
-            "clients_online": sorted(self.online.online()) if self.replica.is_leader() else None,
+            # a count and the first few ids: the whole list grows with the federation
+            "clients_online": None if online is None else len(online),
+            "clients_online_first": None if online is None else site_pages.first_online(online),
             "audit_damaged": self.audit_damage(),
         }
 
     def admin_sites(self, msg: dict[str, Any], caller: Caller) -> Reply:
-        sites = self.replica.state.read(lambda s: s["sites"])
-        online = self.online.online() if self.replica.is_leader() else set()
-        return {"ok": True, "leader": self.replica.is_leader(), "sites": [
-            {"site": k, "public_key": v["public_key"], "revoked": v["revoked"],
-             "online": k in online, "budget": v["budget"], "spent": v["spent"],
-             "charges": v["charges"], "quarantined": v.get("quarantined")}
-            for k, v in sorted(sites.items())]}
+        """A page of the enrolled sites (`site_pages`): chosen under the state's lock,
+        and only its records copied."""
+        query = site_pages.PageQuery.from_wire(msg)
+        online = self._online()
+        order = self._site_order
+
+        def read(s: dict[str, Any]) -> Fresh[Reply]:
+            return Fresh(site_pages.page(s, order.ids(s["sites"]), query, online))
+
+        page = self.replica.state.read(read).value
+        return {"ok": True, "leader": online is not None, **page}
 
     def admin_round_status(self, msg: dict[str, Any], caller: Caller) -> Reply:
         """The training state and a bounded window of rounds (`queries.round_window`):

@@ -26,7 +26,7 @@ from coordinator.cluster.raft_tls import RaftTls
 from coordinator.cluster.replica import AuditLink, Replica
 from coordinator.cluster.snapshot import CompactionPolicy
 from coordinator.core import commands
-from coordinator.core.queries import retained_versions
+from coordinator.core.queries import Fresh, retained_versions
 from coordinator.round.driver import RoundDriver
 from coordinator.round.mask_pool import MaskPool
 
@@ -92,11 +92,12 @@ class Node:
         """The levels /metrics reads at scrape time: Raft status, the ledger, sites online."""
 
         def ledger() -> dict[str, Any]:
-            return self.replica.state.read(lambda s: {
+            # built fresh from numbers and flags: no deep copy of every site under the lock
+            return self.replica.state.read(lambda s: Fresh({
                 "last_round": len(s["versions"]) - 1,
                 "sites": {k: {"spent": v["spent"], "epsilon": v["budget"]["epsilon"],
                               "revoked": v["revoked"]} for k, v in s["sites"].items()},
-            })
+            })).value
 
         def online() -> int:
             # only the leader sees polls (followers redirect), so only its count is real

@@ -139,8 +139,8 @@ class Probe:
                         self.new_leader, self.new_term = n, raft["term"]
                     if self.claimed is None and s["state"]["fence_term"] == raft["term"]:
                         self.claimed = now
-                    online = set(s.get("clients_online") or ())
-                    if self.sites and self.sites_back is None and self.sites <= online:
+                    online = s.get("clients_online") or 0  # the bench's sites are all enrolled
+                    if self.sites and self.sites_back is None and online >= len(self.sites):
                         self.sites_back = now
                 if self.rounds and self.reopened is None and self.killed_round is not None:
                     try:

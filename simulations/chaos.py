@@ -162,6 +162,14 @@ class Views:
             self._clients.pop(node_id).close()
             return None
 
+    def sites(self, node_id: str) -> dict[str, Any] | None:
+        """Every site `node_id` holds (all `Sites` pages), as {"sites": [...]}."""
+        try:
+            return {"sites": self._client(node_id).all_sites()}
+        except (Unreachable, Refused):
+            self._clients.pop(node_id).close()
+            return None
+
     def leader(self) -> tuple[str, int] | None:
         """(leader, its commit index) for a leader that has claimed its term, when its
         term is the newest any node reports: a leader frozen by SIGSTOP still calls
@@ -350,9 +358,9 @@ class Ledger:
             rec["site"]: {
                 "budget": _epsilon(rec.get("budget")),
                 "spent": rec.get("spent"),
-                "charges": len(rec.get("charges") or ()),
+                "charges": rec.get("charge_count", 0),
                 "can_pay": rec.get("can_pay"),
-                "last": _epsilon((rec.get("charges") or [{}])[-1]) or 0.0,
+                "last": _epsilon(rec.get("last_charge") or {}) or 0.0,
             }
             for rec in sites_reply.get("sites", [])
             if str(rec.get("site")).startswith("dp-")
@@ -406,7 +414,7 @@ def check_cluster(
     views.wait_caught_up(target, timeout)
     lasts = []
     for n in cluster.nodes:
-        sites = views.call(n.id, "Sites")
+        sites = views.sites(n.id)
         rs = views.call(n.id, "RoundStatus")
         if sites is None or rs is None:
             raise ChaosStuck(f"{n.id} stopped answering during the check")

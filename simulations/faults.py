@@ -213,10 +213,10 @@ class Trial:
 
     def sites_of(self, node: str) -> set[str] | None:
         try:
-            reply = self.cluster.admin.call("Sites", endpoint=self.cluster.admin_of(node))
+            listed = self.cluster.admin.all_sites(endpoint=self.cluster.admin_of(node))
         except (Unreachable, Refused):
             return None
-        return {s["site"] for s in reply["sites"]}
+        return {s["site"] for s in listed}
 
     def caught_up(self, node: str, timeout: float = 60.0) -> float | None:
         """Seconds until `node` holds every acknowledged write, or None."""

@@ -83,7 +83,7 @@ def run_kind(kind: str, root: Path, sites: int, rounds: int, task: str,
         st = cluster.wait_round(rounds, timeout=60 + 30 * rounds)
         aborted = [a for h in st["history"].values() for a in h.get("aborted", [])]
         lost = sum(1 for a in aborted if str(a.get("reason", "")).startswith("invalid_aggregate"))
-        listed = cluster.admin.call("Sites")["sites"]
+        listed = cluster.admin.all_sites()
         quarantined = [s["site"] for s in listed if s.get("quarantined")]
         accuracy = _accuracy(cluster, task, st["versions"][-1]["hash"])
         return {"kind": kind, "hostile_site": None if kind in BASELINES else HOSTILE,

@@ -61,6 +61,7 @@ def cluster_status(config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt =
         "leader": leader_status["leader"], "term": leader_status["raft"]["term"],
         "commit_index": leader_status["raft"]["commit_index"], "nodes": nodes,
         "clients_online": leader_status.get("clients_online"),
+        "clients_online_first": leader_status.get("clients_online_first"),
         "sites_enrolled": leader_status["state"]["sites"],
         "last_round": leader_status["state"]["last_round"],
         "leader_changes": leader_status["state"]["leader_changes"],
@@ -82,10 +83,11 @@ def cluster_status(config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt =
         t.add_row(n["id"], n.get("state", "[red]unreachable[/]"), str(n.get("term", "-")),
                   str(n.get("commit_index", "-")), n["admin"] or "-", audit)
     console.print(t)
-    online = out["clients_online"]
+    online, first = out["clients_online"], out["clients_online_first"] or []
     console.print(f"sites enrolled {out['sites_enrolled']}, online "
-                  f"{len(online) if online is not None else '?'}"
-                  + (f": {escape(', '.join(online))}" if online else ""))
+                  f"{online if online is not None else '?'}"
+                  + (f": {escape(', '.join(first))}" if first else "")
+                  + (", …" if online and online > len(first) else ""))
     if not out["healthy"]:
         err.print("[red]degraded:[/] " + "; ".join(
             ([f"unreachable: {', '.join(down)}"] if down else [])

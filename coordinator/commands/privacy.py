@@ -35,16 +35,18 @@ def privacy_ledger(
 ) -> None:
     """Spent and remaining epsilon per site, every charge (aborted attempts included)."""
     c = operator_client(config, admin, ca, cert, key)
-    sites = run(lambda: c.call("Sites"))["sites"]
     if site is not None:
-        sites = [s for s in sites if s["site"] == site]
-        if not sites:
+        one = run(lambda: c.site(site))
+        if one is None:
             err.print(f"[red]no site {site!r}[/]")
             raise typer.Exit(EXIT_REFUSED)
+        sites = [one]
+    else:  # every charge of every site only where they are printed or plotted
+        sites = run(lambda: c.all_sites(charges=as_json or plot is not None))
     rows = [{"site": s["site"], "epsilon_budget": s["budget"]["epsilon"],
              "delta": s["budget"]["delta"], "epsilon_spent": s["spent"],
              "epsilon_remaining": max(0.0, s["budget"]["epsilon"] - s["spent"]),
-             "charges": s["charges"]} for s in sites]
+             "charge_count": s["charge_count"], "charges": s.get("charges")} for s in sites]
     if plot is not None:
         _plot_ledger(rows, plot)
     if as_json:
@@ -54,7 +56,7 @@ def privacy_ledger(
     for r in rows:
         t.add_row(r["site"], f"{r['epsilon_budget']:.3g}", f"{r['delta']:.0e}",
                   f"{r['epsilon_spent']:.3f}", f"{r['epsilon_remaining']:.3f}",
-                  str(len(r["charges"])))
+                  str(r["charge_count"]))
     console.print(t)
     if plot is not None:
         console.print(f"plot written to {plot}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -9,6 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from coordinator import wire
 from coordinator.commands.common import (
     EXIT_REFUSED,
     EXIT_USAGE,
@@ -24,7 +26,7 @@ from coordinator.commands.common import (
     operator_client,
     run,
 )
-from coordinator.ops.admin_client import AdminClient
+from coordinator.ops.admin_client import MAX_SITES_PAGE, AdminClient
 
 client_app = typer.Typer(help="Enroll, list and revoke client sites; set their budgets.",
                          no_args_is_help=True)
@@ -128,7 +130,7 @@ def client_bundle(
     """A new bundle with a freshly issued TLS certificate for an enrolled site (rotation,
     or a lost bundle); the identity key and budget stay as enrolled."""
     c = operator_client(config, admin, ca, cert, key)
-    rec = next((s for s in run(lambda: c.call("Sites"))["sites"] if s["site"] == site), None)
+    rec = run(lambda: c.site(site))
     if rec is None or rec["revoked"]:
         err.print(f"[red]site {site!r} is {'revoked' if rec else 'not enrolled'}[/]")
         raise typer.Exit(EXIT_REFUSED)
@@ -173,20 +175,54 @@ def client_revoke(site: str, config: ConfigOpt = None, admin: AdminOpt = None, c
     emit(r) if as_json else console.print(f"revoked [bold]{site}[/]")
 
 
+def _pages(c: AdminClient, endpoint: str | None, after: str | None, size: int, every: bool,
+           filters: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The sites of one page (or, with `every`, of each page to the last) and the last page."""
+    rows: list[dict[str, Any]] = []
+    while True:
+        page = run(functools.partial(c.sites, after, size, endpoint, **filters))
+        rows += page["sites"]
+        after = page["next"]
+        if not every or after is None:
+            return rows, page
+
+
+LimitOpt = Annotated[int | None, typer.Option(
+    "--limit", min=1, max=MAX_SITES_PAGE, help=f"sites per page (default 100; with --all "
+    f"{MAX_SITES_PAGE})")]
+
+
 @client_app.command("list")
-def client_list(config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt = None,
-                cert: CertOpt = None, key: KeyOpt = None, as_json: JsonOpt = False) -> None:
-    """Enrolled sites, revoked, quarantined (found behind an invalid secure sum) or not,
-    and whether the leader saw them recently."""
+def client_list(
+    limit: LimitOpt = None,
+    after: Annotated[str | None, typer.Option(
+        help="list sites whose id sorts after this one (the `next` of the previous page)")] = None,
+    every: Annotated[bool, typer.Option("--all", help="follow the pages to the last site")] = False,
+    online: Annotated[bool, typer.Option("--online", help="only sites online now")] = False,
+    revoked: Annotated[bool, typer.Option("--revoked", help="only revoked sites")] = False,
+    config: ConfigOpt = None, admin: AdminOpt = None, ca: CaOpt = None,
+    cert: CertOpt = None, key: KeyOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Enrolled sites in id order, a page at a time: revoked, quarantined (found behind an
+    invalid secure sum) or not, whether the leader saw them recently, and their charges."""
+    if after is not None and not wire.SITE_ID.fullmatch(after):
+        err.print(f"[red]bad --after:[/] {escape(repr(after))} is not a site id")
+        raise typer.Exit(EXIT_USAGE)
     c = operator_client(config, admin, ca, cert, key)
     ep = run(c.leader_endpoint)
-    r = run(lambda: c.call("Sites", endpoint=ep) if ep else c.call("Sites"))
+    filters = {"online": True if online else None, "revoked": True if revoked else None}
+    rows, page = _pages(c, ep, after, limit or (MAX_SITES_PAGE if every else 100), every,
+                        filters)
     if as_json:
-        emit({"sites": r["sites"]})
+        emit({"sites": rows, "total": page["total"], "enrolled": page["enrolled"],
+              "next": page["next"]})
         return
-    t = Table("site", "status", "online", "public key")
-    for s in r["sites"]:
+    t = Table("site", "status", "online", "charges", "spent ε", "public key")
+    for s in rows:
         status = ("[red]revoked[/]" if s["revoked"] else "[red]quarantined[/]"
                   if s.get("quarantined") else "enrolled")
-        t.add_row(s["site"], status, "yes" if s["online"] else "no", s["public_key"][:16] + "…")
+        t.add_row(s["site"], status, "yes" if s["online"] else "no", str(s["charge_count"]),
+                  f"{s['spent']:.3f}", s["public_key"][:16] + "…")
     console.print(t)
+    more = f"; next page: --after {page['next']}" if page["next"] is not None else ""
+    console.print(f"{len(rows)} of {page['total']} sites{more}")

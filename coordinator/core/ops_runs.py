@@ -18,7 +18,7 @@ from coordinator import wire
 from coordinator.core.checks import REASON_CHARS, Command, Rejected, holders_quorum, need, operator_name
 from coordinator.core.queries import (
     add_version,
-    eligible_sites,
+    eligible_count,
     head,
     last_round,
     run_unevaluated,
@@ -96,7 +96,7 @@ def train(state: State, cmd: Command) -> Result:
         raise _run_active(state)
     run = _run_id(state, cmd)
     config = validate_round_config(cmd.get("config", {}), state["training"]["config"])
-    eligible = len(eligible_sites(state))
+    eligible = eligible_count(state)
     if config["min_clients"] > eligible:  # no round of this run could ever commit
         raise Rejected("unsatisfiable", f"min_clients is {config['min_clients']} but only "
                        f"{eligible} sites can take part (enrolled, not revoked or "

@@ -8,7 +8,7 @@ from typing import Any
 from coordinator import wire
 from coordinator.core import ledger
 from coordinator.core.checks import REASON_CHARS, Command, Rejected, need, operator_name
-from coordinator.core.queries import key_index
+from coordinator.core.queries import key_index, revoked_index
 
 State = dict[str, Any]
 Result = dict[str, Any]
@@ -70,6 +70,7 @@ def revoke(state: State, cmd: Command) -> Result:
     site, rec = _enrolled(state, cmd)
     if rec["revoked"]:
         raise Rejected("revoked", f"site {site!r} is already revoked")
+    revoked_index(state)[site] = True
     rec["revoked"] = True
     return {"site": site}
 

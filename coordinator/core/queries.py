@@ -3,10 +3,28 @@ the operations themselves ask of it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
+
+from privacy.accounting import CHARGE_FIELDS
 
 State = dict[str, Any]
+T = TypeVar("T")
+
+
+class Fresh(Generic[T]):
+    """A query's result built afresh, sharing no object with the state (new containers of
+    immutable values, or copies). `Replica.state.read` deep-copies what a query returns so
+    no caller holds live state; a Fresh result needs no copy, and copying one that covers
+    every site (100,000 of them) would hold the lock Raft's apply thread needs."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: T) -> None:
+        self.value = value
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Fresh[T]:
+        return self
 
 HISTORY_ROUNDS = 1_000
 """Rounds whose attempts (participants, charges, metrics) the state keeps: older ones
@@ -38,6 +56,16 @@ def key_index(state: State) -> dict[str, str]:
     return index
 
 
+def revoked_index(state: State) -> dict[str, bool]:
+    """Revoked site -> True: the few revoked among many enrolled, for listing them without
+    a scan of every site. Built once for a state restored from before the index existed."""
+    index = state.get("revoked_index")
+    if index is None:
+        index = state["revoked_index"] = {
+            s: True for s, rec in state["sites"].items() if rec["revoked"]}
+    return index
+
+
 def add_version(state: State, version: dict[str, Any]) -> None:
     """Append the next version (`versions[i]` is round i's) and index it."""
     version_index(state)[version["hash"]] = version["round"]
@@ -51,8 +79,60 @@ def head(state: State) -> str | None:
 def eligible_sites(state: State) -> list[str]:
     """Enrolled, not revoked and not quarantined (the driver also skips sites whose
     budget is spent)."""
-    return sorted(s for s, rec in state["sites"].items()
-                  if not rec["revoked"] and not rec.get("quarantined"))
+    return sorted(_eligible(state))
+
+
+def _eligible(state: State) -> Iterator[str]:
+    return (s for s, rec in state["sites"].items()
+            if not rec["revoked"] and not rec.get("quarantined"))
+
+
+def eligible_among(state: State, sites: set[str]) -> set[str]:
+    """Those of `sites` (the online ones, say) that `eligible_sites` lists: the cost is
+    the few asked about, not every enrolled site."""
+    known = state["sites"]
+    return {s for s in sites if s in known and not known[s]["revoked"]
+            and not known[s].get("quarantined")}
+
+
+def eligible_count(state: State) -> int:
+    """How many sites `eligible_sites` lists, without sorting them."""
+    return sum(1 for _ in _eligible(state))
+
+
+def budget_keys(state: State) -> Fresh[tuple[int, dict[str, tuple[int, float, float]]]]:
+    """(how many sites are eligible, each eligible site's (charges, epsilon, delta) where it
+    has been charged): what decides whether a budget pays another round (a site never
+    charged always can), so the leader re-checks only sites whose key changed. Built
+    fresh, no site's charges copied."""
+    count, keys = 0, {}
+    for s, rec in state["sites"].items():
+        if rec["revoked"] or rec.get("quarantined"):
+            continue
+        count += 1
+        if rec["charges"]:
+            keys[s] = (len(rec["charges"]), rec["budget"]["epsilon"], rec["budget"]["delta"])
+    return Fresh((count, keys))
+
+
+def charge_histories(state: State, sites: list[str]) -> Fresh[dict[str, list[dict[str, Any]]]]:
+    """The DP parameters of each charge of `sites` (for the few whose budget must be checked
+    again), built fresh."""
+    return Fresh({s: [{k: c[k] for k in CHARGE_FIELDS} for c in state["sites"][s]["charges"]]
+                  for s in sites})
+
+
+def site_identity(state: State, site: str) -> tuple[str, bool] | None:
+    """A site's (identity key, revoked), or None if not enrolled: what a request's
+    signature check needs, not the site's whole record (its charges grow every round,
+    and every poll reads this under the lock Raft's apply thread needs)."""
+    rec = state["sites"].get(site)
+    return None if rec is None else (rec["public_key"], rec["revoked"])
+
+
+def identity_keys(state: State, sites: list[str]) -> dict[str, str]:
+    """The enrolled identity keys of `sites` (a round's participants)."""
+    return {s: state["sites"][s]["public_key"] for s in sites}
 
 
 def training_pending(state: State) -> bool:

@@ -37,6 +37,7 @@ def initial_state() -> State:
         "versions": [],  # [{"round", "hash", "parent", "size"}], index == round
         "version_index": {},  # hash -> round (queries.version_index)
         "key_index": {},  # enrolled identity key -> site (queries.key_index)
+        "revoked_index": {},  # revoked site -> True (queries.revoked_index)
         "training": {"target_round": 0, "config": dict(DEFAULT_ROUND_CONFIG)},
         "runs": {},  # run id -> {"id", "task", "status", "config", "first_round", ...}
         "round": None,  # the open round, or None

@@ -190,7 +190,7 @@ def _assemble_result(cluster: LocalCluster, st: dict[str, Any], sites: int,
         "dense_bytes_per_client": 4 * _model_values(cluster, genesis),
         "workdir": str(workdir),
     }
-    ledger = cluster.admin.call("Sites")["sites"]
+    ledger = cluster.admin.all_sites()
     result["epsilon_spent"] = {x["site"]: round(x["spent"], 4) for x in ledger}
     result["epsilon_budget"] = DP_BUDGET["epsilon"]
     return result

@@ -19,6 +19,9 @@ from coordinator import wire
 from coordinator.cluster import pki, rpc
 from coordinator.cluster.config import ConfigError, read_toml
 
+MAX_SITES_PAGE = 1000
+"""The most sites one `Sites` page holds (the server's `site_pages.MAX_LIMIT`)."""
+
 
 class Unreachable(Exception):
     """No admin endpoint answered."""
@@ -130,6 +133,34 @@ class AdminClient:
         if delta is not None:
             message["delta"] = delta
         return self.call("SetBudget", message)
+
+    def sites(self, after: str | None = None, limit: int | None = None,
+              endpoint: str | None = None, **filters: Any) -> dict[str, Any]:
+        """One page of enrolled sites in id order after `after` (`Sites`): its `sites`,
+        `total`, `enrolled` and `next` cursor. Filters: `online`, `revoked` (booleans) and
+        `charges` (list each site's every charge, not only their count)."""
+        message = {k: v for k, v in filters.items() if v is not None}
+        if after is not None:
+            message["after"] = after
+        if limit is not None:
+            message["limit"] = limit
+        return self.call("Sites", message, endpoint=endpoint)
+
+    def all_sites(self, endpoint: str | None = None, **filters: Any) -> list[dict[str, Any]]:
+        """Every enrolled site (matching `filters`), following `Sites` pages to the last."""
+        out: list[dict[str, Any]] = []
+        after = None
+        while True:
+            page = self.sites(after, MAX_SITES_PAGE, endpoint, **filters)
+            out.extend(page["sites"])
+            after = page.get("next")
+            if after is None:
+                return out
+
+    def site(self, site: str, endpoint: str | None = None) -> dict[str, Any] | None:
+        """One site's record with its every charge, or None when it is not enrolled."""
+        found = self.call("Sites", {"site": site}, endpoint=endpoint)["sites"]
+        return found[0] if found else None
 
     def leader_call(self, method: str, message: dict[str, Any],
                     timeout: float = 30.0) -> dict[str, Any]:

@@ -26,6 +26,11 @@ from coordinator.cluster.presence import OnlineSites, TaskBell
 from coordinator.cluster.replica import CommandFailed, Replica
 from coordinator.core import commands
 from coordinator.core.queries import (
+    Fresh,
+    budget_keys,
+    charge_histories,
+    eligible_among,
+    identity_keys,
     open_round_cancelled,
     quorum,
     run_unevaluated,
@@ -273,7 +278,7 @@ class RoundDriver:
             return (self._leading(term)
                     and self.replica.state.read(run_unevaluated) == (run, version))
 
-        while not (online := self.online.online() & set(view.eligible)):
+        while not (online := self._online_eligible()):
             if not current():
                 return
             if time.monotonic() > deadline:
@@ -301,21 +306,27 @@ class RoundDriver:
                  extra={"event": "run_evaluated", "run": run, "version": version,
                         "sites": sorted(reported), "applied": bool(r["ok"])})
 
+    def _online_eligible(self) -> set[str]:
+        online = self.online.online()
+        return self.replica.state.read(lambda s: Fresh(eligible_among(s, online))).value
+
     def _sample(self, term: int, view: LeaderView) -> list[str] | None:
         """Wait for enough sites online, then sample; None when leadership was lost."""
         config = view.config
-        records = self.replica.state.read(lambda s: {x: s["sites"][x] for x in view.eligible})
-        eligible = self.charges.affordable(records)
-        if not eligible:
+        read = self.replica.state.read
+        eligible, keys = read(budget_keys).value
+        broke = self.charges.unaffordable(
+            keys, lambda stale: read(lambda s: charge_histories(s, stale)).value)
+        if eligible == len(broke):
             self._not_sampled(view, "no enrolled site has privacy budget left for another round")
             time.sleep(1.0)
             return None
-        want = policy.sample_size(config, len(eligible))
+        want = policy.sample_size(config, eligible - len(broke))
         deadline = time.monotonic() + config.online_wait_s
         while True:
             if not self._leading(term):
                 return None
-            online = self.online.online() & eligible
+            online = self._online_eligible() - broke
             decision = policy.sampling(len(online), want, config.min_clients,
                                        time.monotonic() > deadline)
             if decision == "sample":
@@ -390,7 +401,7 @@ class RoundDriver:
         plan = plan_round(federation=view.genesis or "", round_number=rnd, attempt=attempt,
                           term=term, seed_hex=seed, participants=participants,
                           dim=base_vec.size, last_global_change=change, config=config.to_dict())
-        keys = {p: view.keys[p] for p in participants}
+        keys = self.replica.state.read(lambda s: identity_keys(s, participants))
         return RoundSession(
             round=rnd, attempt=attempt, term=term, base=view.head or "", parent=view.parent,
             seed=seed, base_params=base_params, base_vector=base_vec, participants=frozenset(participants),

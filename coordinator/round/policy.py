@@ -25,7 +25,9 @@ TRAINING_STAGES = ("collect", "masked")
 
 @dataclass(frozen=True)
 class LeaderView:
-    """What one driver step reads of the replicated state, in one consistent read."""
+    """What one driver step reads of the replicated state, in one consistent read. Nothing
+    here grows with the enrolled sites: the step runs every 0.2 s, and sampling reads
+    what it needs of the sites itself (`queries.budget_keys`)."""
 
     open_round: dict[str, Any] | None
     pending: bool
@@ -33,11 +35,9 @@ class LeaderView:
     attempts: dict[int, int]
     config: RoundConfig
     run: tuple[int, int]
-    eligible: list[str]
     head: str | None
     parent: str | None
     genesis: str | None
-    keys: dict[str, str]
     attempt_base: int = 0  # attempts of the run's first round made before the run
     last_abort: str | None = None  # why the latest attempt of the next round was aborted
 
@@ -50,10 +50,9 @@ class LeaderView:
             last_round=queries.last_round(s), attempts=dict(s["attempts"]),
             config=RoundConfig.from_mapping(s["training"]["config"]),
             run=(s["training"].get("first_round", 1), s["training"]["target_round"]),
-            eligible=queries.eligible_sites(s), head=queries.head(s),
+            head=queries.head(s),
             parent=versions[-1]["parent"] if versions else None,
             genesis=versions[0]["hash"] if versions else None,
-            keys={k: v["public_key"] for k, v in s["sites"].items()},
             attempt_base=s["training"].get("attempt_base", 0),
             last_abort=aborted[-1]["reason"] if aborted else None,
         )

@@ -40,7 +40,7 @@ def test_flower_sites_with_privacy_are_charged_client_level(make_cluster):
         "fraction": 1.0, "min_clients": 2, "lr": 0.1, "local_epochs": 1,
         "compression": 2.0, "online_wait_s": 30.0}})
     c.wait_round(2, timeout=180)
-    records = {s["site"]: s for s in c.admin.call("Sites")["sites"]}
+    records = {s["site"]: s for s in c.admin.all_sites(charges=True)}
     for s in sites:
         charges = records[s]["charges"]
         assert len(charges) >= 2

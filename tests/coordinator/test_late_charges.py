@@ -67,7 +67,7 @@ def test_leader_killed_holding_updates_sites_are_charged_late(make_cluster) -> N
     assert st["history"]["1"]["committed"]["attempt"] > progress["attempt"]
 
     # each site's ledger equals its own accountant: same runs, same epsilon
-    ledger = {s["site"]: s for s in c.admin.call("Sites")["sites"]}
+    ledger = {s["site"]: s for s in c.admin.all_sites(charges=True)}
     for site in SITES:
         own = _site_file(c, site, "dp-accountant.json")
         runs = [DPStep.from_dict(d) for d in own["history"]]

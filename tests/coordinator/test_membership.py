@@ -111,7 +111,7 @@ def _members(cluster: LocalCluster) -> list[str]:
 def _view(cluster: LocalCluster, node_id: str) -> dict:
     """What every replica must agree on: sites and their ledgers, the version chain."""
     ep = cluster.admin_of(node_id)
-    sites = cluster.admin.call("Sites", endpoint=ep)["sites"]
+    sites = cluster.admin.all_sites(endpoint=ep)
     rounds = cluster.admin.round_status(endpoint=ep)
     return {"sites": [{k: v for k, v in s.items() if k != "online"} for s in sites],
             "versions": rounds["versions"], "leader_history": rounds["leader_history"]}

@@ -71,7 +71,7 @@ def _wait_online(c: LocalCluster, n: int, timeout: float) -> None:
     while time.monotonic() < deadline:
         leader = c.leader()
         s = c.status(leader) if leader else None
-        if s and len(s["clients_online"] or []) >= n:
+        if s and (s["clients_online"] or 0) >= n:
             return
         time.sleep(0.3)
     raise TimeoutError(f"fewer than {n} sites polled the leader in {timeout}s")
@@ -91,7 +91,7 @@ def _replicated_view(c: LocalCluster, node: str) -> dict[str, Any] | None:
     site registry (budgets included)."""
     try:
         rs = c.admin.round_status(endpoint=c.admin_of(node))
-        sites = c.admin.call("Sites", endpoint=c.admin_of(node))["sites"]
+        sites = c.admin.all_sites(endpoint=c.admin_of(node))
     except (Unreachable, Refused):
         return None
     return {"versions": rs["versions"], "history": rs["history"],

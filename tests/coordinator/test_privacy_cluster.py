@@ -20,7 +20,7 @@ def test_ledger_charges_caps_and_survives_failover(make_cluster, tmp_path):
         "fraction": 1.0, "min_clients": 2, "lr": 0.1, "local_epochs": 2,
         "compression": 2.0, "online_wait_s": 60.0, "collect_timeout_s": 60.0}})
     st = c.wait_round(2, timeout=240)
-    sites = {s["site"]: s for s in c.admin.call("Sites")["sites"]}
+    sites = {s["site"]: s for s in c.admin.all_sites(charges=True)}
     for name in SITES:
         rec = sites[name]
         assert 0 < rec["spent"] <= BUDGET["epsilon"] + 1e-9
@@ -40,7 +40,7 @@ def test_ledger_charges_caps_and_survives_failover(make_cluster, tmp_path):
     victim = c.wait_leader()
     c.kill_node(victim, signal.SIGKILL)
     c.wait_leader(timeout=20, exclude=victim)
-    after = {s["site"]: s["spent"] for s in c.admin.call("Sites")["sites"]}
+    after = {s["site"]: s["spent"] for s in c.admin.all_sites(charges=True)}
     assert after == {k: v["spent"] for k, v in sites.items()}
     # the operator's view, with a plot
     env = {**os.environ, "FEDRAFT_ADMIN": ",".join(n.admin for n in c.nodes),

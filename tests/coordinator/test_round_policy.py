@@ -7,6 +7,7 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
+from coordinator.core.queries import eligible_sites
 from coordinator.core.round_config import DEFAULT_ROUND_CONFIG, RoundConfig
 from coordinator.core.state import apply, initial_state
 from coordinator.round import policy
@@ -29,7 +30,7 @@ def test_leader_view_reads_the_next_attempt_and_the_run() -> None:
         "lr": 0.2, "min_clients": 1, "secure_aggregation": False}})["ok"]
     view = policy.LeaderView.of(s)
     assert view.pending and view.last_round == 0 and view.run == (1, 3)
-    assert view.eligible == ["a"] and view.genesis == view.head == "0" * 64
+    assert eligible_sites(s) == ["a"] and view.genesis == view.head == "0" * 64
     assert view.config.lr == 0.2 and policy.next_attempt(view) == (1, 1)
     assert apply(s, {"op": "claim", "term": 2, "node": "n1"})["ok"]
     busy = apply(s, {"op": "train", "rounds": 1, "config": {"min_clients": 1}})

@@ -240,7 +240,8 @@ MODEL = wire.encode_model({"w": np.ones((2, 3), np.float32)})
 UNSETTLED = {"round": 1, "attempt": 1, "term": 3, "noise_multiplier": 1.1, "sample_rate": 0.25,
              "steps": 8, "clip_norm": 1.0, "delta": 1e-5}
 REQUESTS = {  # a valid request per method, for mutation
-    "Status": {}, "Sites": {}, "RoundStatus": {}, "GetBlob": {"hash": V0},
+    "Status": {}, "Sites": {"after": "site-a", "limit": 2, "revoked": False, "charges": True},
+    "RoundStatus": {}, "GetBlob": {"hash": V0},
     "Enroll": {"site": "site-e", "public_key": "cd" * 32, "epsilon": 2.0},
     "Revoke": {"site": "site-c"}, "SetBudget": {"site": "site-a", "epsilon": 6.0, "delta": 1e-5},
     "InitModel": {"data": MODEL}, "Train": {"rounds": 2, "config": {"clip": 0.25}}, "Stop": {},
