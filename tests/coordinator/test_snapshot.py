@@ -13,11 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from coordinator import wire
+from coordinator.audit.store import open_readonly
 from coordinator.cluster import snapshot
 from coordinator.cluster.journal_check import JournalDamaged, check_raft_dir, scan
 from coordinator.cluster.replica import Replica
 from coordinator.cluster.snapshot import CompactionPolicy, compaction_due
+from coordinator.demo.cluster import LocalCluster
+from tests.coordinator.conftest import Factory
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -156,3 +161,46 @@ def test_a_damaged_snapshot_or_a_gap_stops_the_node(tmp_path: Path) -> None:
         Replica(addr, [], tmp_path, "pw", (0.2, 0.4), lambda *a: None)
     dump.write_bytes(good)
     assert json.dumps(snapshot.check_snapshot(tmp_path, None))  # whole again
+
+
+def _enroll(cluster: LocalCluster, count: int, prefix: str) -> None:
+    for i in range(count):
+        key = Ed25519PrivateKey.generate()
+        cluster.admin.call("Enroll", {"site": f"{prefix}-{i:04d}",
+                                      "public_key": wire.public_key_hex(key)})
+
+
+def _audit_head(cluster: LocalCluster, node_id: str) -> tuple[int, str | None]:
+    store = open_readonly(cluster.audit_db(node_id))
+    try:
+        head = store.head()
+        return len(store), head.entry_hash if head else None
+    finally:
+        store.close()
+
+
+def test_a_follower_that_gets_the_leaders_snapshot_copies_the_audit_entries_it_missed(
+        make_cluster: Factory) -> None:
+    """A follower down while the leader compacts past it (the leader waits for it, then
+    gives up at 20x the threshold) gets the leader's snapshot instead of the entries; its
+    audit log then copies the missing entries from a peer, checked one by one, and ends
+    identical to the leader's."""
+    cluster = make_cluster(snapshot_entries=10, genesis=False)
+    leader = cluster.wait_leader(30)
+    follower = next(n.id for n in cluster.nodes if n.id != leader)
+    _enroll(cluster, 5, "before")
+    cluster.kill_node(follower)
+    _enroll(cluster, 230, "while-down")  # past 20 x 10 entries: the leader compacts anyway
+    cluster.start_node(follower)
+    deadline = time.monotonic() + 90
+    while True:
+        status = cluster.status(follower)
+        if (status is not None and status["state"]["sites"] == 235
+                and _audit_head(cluster, follower) == _audit_head(cluster, leader)):
+            break
+        assert time.monotonic() < deadline, (status, _audit_head(cluster, follower),
+                                             _audit_head(cluster, leader))
+        time.sleep(0.5)
+    assert status["audit_damaged"] is None
+    log = (cluster.root / follower / "node.log").read_text()
+    assert "copied" in log and "entries from a peer" in log

@@ -241,7 +241,8 @@ UNSETTLED = {"round": 1, "attempt": 1, "term": 3, "noise_multiplier": 1.1, "samp
              "steps": 8, "clip_norm": 1.0, "delta": 1e-5}
 REQUESTS = {  # a valid request per method, for mutation
     "Status": {}, "Sites": {"after": "site-a", "limit": 2, "revoked": False, "charges": True},
-    "RoundStatus": {}, "GetBlob": {"hash": V0},
+    "RoundStatus": {"from_round": 0, "run": "run-1"}, "GetBlob": {"hash": V0},
+    "AuditEntries": {"after": 0, "limit": 5},
     "Enroll": {"site": "site-e", "public_key": "cd" * 32, "epsilon": 2.0},
     "Revoke": {"site": "site-c"}, "SetBudget": {"site": "site-a", "epsilon": 6.0, "delta": 1e-5},
     "InitModel": {"data": MODEL}, "Train": {"rounds": 2, "config": {"clip": 0.25}}, "Stop": {},
@@ -303,7 +304,7 @@ def test_node_handlers(call: tuple[str, str, dict[str, Any]]) -> None:
     if role not in roles:
         assert reply["code"] == "forbidden"
     if not reply["ok"] or service == wire.FLEET_SERVICE or method in (
-            "Status", "Sites", "RoundStatus", "GetBlob"):
+            "Status", "Sites", "RoundStatus", "GetBlob", "AuditEntries"):
         assert _domain(state) == _domain(BASE), (method, msg, reply)
     if not reply["ok"]:
         assert isinstance(reply.get("code"), str) and reply.get("error")
