@@ -414,18 +414,30 @@ def check_cluster(
     views.wait_caught_up(target, timeout)
     lasts = []
     for n in cluster.nodes:
-        sites = views.sites(n.id)
-        rs = views.call(n.id, "RoundStatus")
-        if sites is None or rs is None:
-            raise ChaosStuck(f"{n.id} stopped answering during the check")
+        status, sites, rs = read_caught_up(views, n.id, target, timeout)
         ledger.check_sites(n.id, sites, acked)
-        status = views.call(n.id, "Status")
-        if status is not None and status.get("audit_damaged"):
+        if status.get("audit_damaged"):
             ledger.audit_damaged.add(f"{n.id}: {status['audit_damaged']}")
         lasts.append(ledger.check_chain(n.id, rs))
         ledger.check_overspend(sites, rs)
     ledger.confirm(lasts)
     return {"leader": leader, "last_round": max(lasts), "acked": len(acked)}
+
+
+def read_caught_up(views: Views, node_id: str, target: int,
+                   timeout: float) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A node's Status, Sites and RoundStatus, read once it has applied `target`. A node
+    that died meanwhile (a compaction crash point) is read again once it is back."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = views.call(node_id, "Status")
+        if status is not None and status["raft"]["last_applied"] >= target:
+            sites = views.sites(node_id)
+            rs = views.call(node_id, "RoundStatus")
+            if sites is not None and rs is not None:
+                return status, sites, rs
+        time.sleep(0.2)
+    raise ChaosStuck(f"{node_id} stopped answering during the check")
 
 
 # ---------------------------------------------------------------------- faults
