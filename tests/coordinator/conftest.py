@@ -8,8 +8,10 @@ make the leader linger at a stage so a test can kill it there.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -81,3 +83,18 @@ def fedraft_cli(cluster: LocalCluster, *args: str, timeout: float = 180) -> subp
            "FEDRAFT_KEY": str(ident.key)}
     return subprocess.run([sys.executable, "-m", "coordinator", *args], capture_output=True,
                           text=True, env=env, timeout=timeout)
+
+
+def free_port() -> int:
+    """A loopback port free at the moment of asking."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_single_leader(rep: Any, timeout: float = 10.0) -> None:
+    """Wait until a one-node `Replica` leads."""
+    deadline = time.monotonic() + timeout
+    while not rep.is_leader():
+        assert time.monotonic() < deadline, "a single node never became leader"
+        time.sleep(0.05)

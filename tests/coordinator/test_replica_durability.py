@@ -3,31 +3,17 @@ safety), checked on a real single-node pysyncobj replica."""
 
 from __future__ import annotations
 
-import socket
-import time
 from pathlib import Path
 
 from coordinator.cluster.replica import Replica
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_leader(rep: Replica, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not rep.is_leader():
-        assert time.monotonic() < deadline, "a single node never became leader"
-        time.sleep(0.05)
+from tests.coordinator.conftest import free_port, wait_single_leader
 
 
 def test_every_append_is_synced_and_survives_a_restart(tmp_path: Path) -> None:
-    addr = f"127.0.0.1:{_free_port()}"
+    addr = f"127.0.0.1:{free_port()}"
     rep = Replica(addr, [], tmp_path, "pw", (0.2, 0.4), lambda *a: None)
     try:
-        _wait_leader(rep)
+        wait_single_leader(rep)
         journal = rep.sync._SyncObj__raftLog
         synced: list[int] = []
         add = journal.add  # the durable wrapper: count the syncs it makes
@@ -51,7 +37,7 @@ def test_every_append_is_synced_and_survives_a_restart(tmp_path: Path) -> None:
     # a fresh process-equivalent reading the same files sees every acknowledged command
     rep2 = Replica(addr, [], tmp_path, "pw", (0.2, 0.4), lambda *a: None)
     try:
-        _wait_leader(rep2)
+        wait_single_leader(rep2)
         assert rep2.state.read(lambda s: "r3" in s["requests"])
         again = rep2.submit({"op": "barrier", "request_id": "r3"})
         assert again.get("replayed") is True  # deduplicated: r3 was applied before the restart
