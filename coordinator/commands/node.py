@@ -66,11 +66,13 @@ def node_recover(
         help="move the journal aside even though it checks out")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Move a stopped node's damaged Raft journal aside, so that it rejoins from its peers.
+    """Move a stopped node's damaged Raft journal (and snapshot) aside, so that it rejoins
+    from its peers.
 
     The node then starts with an empty log, holds no election until the leader contacts
-    it, and replays every committed command from the leader; its blobs and its audit log
-    stay (appends are idempotent). Recover one node at a time, and only a stopped node:
+    it, and takes the leader's snapshot and the commands after it; its blobs and its
+    audit log stay (appends are idempotent, and entries the snapshot covers are copied
+    from a peer). Recover one node at a time, and only a stopped node:
     with its journal the node also forgets its vote. Exit 1 when the journal is intact
     (unless --force), 2 on a bad configuration.
     """
@@ -79,6 +81,7 @@ def node_recover(
     from coordinator.cluster.config import load_node_config
     from coordinator.cluster.journal_check import JournalDamaged, check_raft_dir
     from coordinator.cluster.replica import REJOIN_MARKER
+    from coordinator.cluster.snapshot import check_snapshot
 
     try:
         cfg = load_node_config(config)
@@ -87,7 +90,8 @@ def node_recover(
         raise typer.Exit(EXIT_USAGE) from None
     raft_dir = cfg.data_dir / "raft"
     try:
-        check_raft_dir(raft_dir / "raft.journal")
+        records = check_raft_dir(raft_dir / "raft.journal")
+        check_snapshot(raft_dir, records[0].index if records else None)
         damage = None
     except JournalDamaged as exc:
         damage = str(exc)
