@@ -169,13 +169,13 @@ class CompactionPolicy:
     them) and, on the leader, while a follower still needs entries it would trim (that
     follower would get the whole snapshot instead of the entries, and its audit log would
     miss them). It waits for no follower once the journal reaches `hard_bytes` or
-    `hard_factor` times `entries`: a node down for good must not grow the journal to
-    pysyncobj's 4 GiB offset limit."""
+    `hard_factor` times `entries`: a node down for good must not grow the journal towards
+    pysyncobj's 4 GiB offset limit, nor the leader's replay at its next start."""
 
     entries: int = 5_000
     soft_bytes: int = 64 << 20
-    hard_bytes: int = 1 << 30
-    hard_factor: int = 20
+    hard_bytes: int = 256 << 20
+    hard_factor: int = 4
 
 
 def compaction_due(policy: CompactionPolicy, entries: int, journal_bytes: int,

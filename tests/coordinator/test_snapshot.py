@@ -50,8 +50,9 @@ def test_a_snapshot_reads_back_and_names_damage() -> None:
     (10, 64 << 20, True, False, True),       # enough bytes
     (5_000, 100, False, False, False),       # the audit writer is behind
     (5_000, 100, True, True, False),         # a follower still needs the entries
-    (100_000, 100, False, True, True),       # 20x entries: waits for nobody
-    (10, 1 << 30, True, True, True),         # 1 GiB: waits for nobody
+    (19_999, 100, True, True, False),        # under 4x entries: still waits
+    (20_000, 100, False, True, True),        # 4x entries: waits for nobody
+    (10, 256 << 20, True, True, True),       # 256 MiB: waits for nobody
 ])
 def test_when_a_compaction_is_due(entries: int, size: int, idle: bool, behind: bool,
                                   due: bool) -> None:
@@ -168,7 +169,7 @@ def _audit_head(cluster: LocalCluster, node_id: str) -> tuple[int, str | None]:
 def test_a_follower_that_gets_the_leaders_snapshot_copies_the_audit_entries_it_missed(
         make_cluster: Factory) -> None:
     """A follower down while the leader compacts past it (the leader waits for it, then
-    gives up at 20x the threshold) gets the leader's snapshot instead of the entries; its
+    gives up at 4x the threshold) gets the leader's snapshot instead of the entries; its
     audit log then copies the missing entries from a peer, checked one by one, and ends
     identical to the leader's."""
     cluster = make_cluster(snapshot_entries=10, genesis=False)
@@ -176,12 +177,12 @@ def test_a_follower_that_gets_the_leaders_snapshot_copies_the_audit_entries_it_m
     follower = next(n.id for n in cluster.nodes if n.id != leader)
     _enroll(cluster, 5, "before")
     cluster.kill_node(follower)
-    _enroll(cluster, 230, "while-down")  # past 20 x 10 entries: the leader compacts anyway
+    _enroll(cluster, 60, "while-down")  # past 4 x 10 entries: the leader compacts anyway
     cluster.start_node(follower)
     deadline = time.monotonic() + 90
     while True:
         status = cluster.status(follower)
-        if (status is not None and status["state"]["sites"] == 235
+        if (status is not None and status["state"]["sites"] == 65
                 and _audit_head(cluster, follower) == _audit_head(cluster, leader)):
             break
         assert time.monotonic() < deadline, (status, _audit_head(cluster, follower),
