@@ -1,6 +1,6 @@
 """Short chaos run: 50 random faults (SIGKILL leader/follower/all, SIGSTOP leader) while
-real sites train (two of them with DP-SGD under a budget) and an admin writer streams
-acknowledged enrollments.
+real sites train (two of them with DP-SGD under a budget), an admin writer streams
+acknowledged enrollments, and the nodes compact their journals every 100 entries.
 
 Runs `simulations/chaos.py` as a subprocess so its node and site processes, and any it
 leaves behind on failure, belong to that run alone. About 5 minutes on 2 cores.
@@ -26,6 +26,10 @@ def test_chaos_short(tmp_path):
             str(ROOT / "simulations" / "chaos.py"),
             "--trials",
             "50",
+            # the nodes compact their journals every 100 entries, so the faults also land
+            # around snapshots and trims (simulations/README.md: the crash-point run)
+            "--snapshot-entries",
+            "100",
             "--json",
             "--quiet",
             "--root",
@@ -48,3 +52,5 @@ def test_chaos_short(tmp_path):
     assert result["overspend"] == 0, report
     assert result["overspend_checked"], report
     assert result["rounds_committed"] > 0, report
+    assert result["audit_damaged"] == [], report
+    assert result["snapshots"] > 0, report
