@@ -38,6 +38,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from client.agent import Agent, RoundOutcome, retry_after
+from client.config import PrivacyConfig
 from client.training import EvalResult, FitResult, LocalTrainer, Parameters
 from coordinator import wire
 
@@ -83,6 +85,38 @@ class StepTrainer:
 
     def evaluate(self, params: Parameters, config: Any) -> EvalResult:
         return EvalResult(loss=0.5, num_examples=100, metrics={"accuracy": 0.5})
+
+
+def step_trainer(index: int, state_dir: Path) -> LocalTrainer:
+    """The default: a `StepTrainer` seeded by the site's index."""
+    return StepTrainer(index)
+
+
+@dataclass(frozen=True)
+class TaskTrainers:
+    """Makes a virtual site's trainer for a built-in task (`client.training.tasks`): site
+    `index` of `num_sites` gets its share of the task's data and, with `privacy`, trains
+    with record-level DP-SGD whose accountant lives in its state dir, as a site of
+    `fedraft-client run` does (`client.dp.record_level.site_dp_sgd`)."""
+
+    task: str
+    num_sites: int
+    privacy: PrivacyConfig | None = None
+    split: str = "iid"
+
+    def __call__(self, index: int, state_dir: Path) -> LocalTrainer:
+        import torch
+
+        from client.training.tasks import make_trainer
+
+        torch.set_num_threads(1)  # many small trainings share the host's cores
+        trainer = make_trainer(self.task, site_index=index, num_sites=self.num_sites,
+                               method=self.split, device="cpu")
+        if self.privacy is None:
+            return trainer
+        from client.dp.record_level import site_dp_sgd
+
+        return site_dp_sgd(trainer, self.privacy, state_dir)
 
 
 class SharedChannel(wire.Channel):
@@ -185,11 +219,12 @@ class VirtualSites:
 
     `tls` is the host's client identity (CA, certificate, key), shared by its sites: a
     site's own identity is its Ed25519 key, which signs every request. `trainer` makes a
-    site's local trainer from its index; `root` holds the sites' durable files (default:
-    a temporary directory)."""
+    site's local trainer from its index and state dir when it takes part (`step_trainer`,
+    `TaskTrainers`); `root` holds the sites' durable files (default: a temporary
+    directory)."""
 
     def __init__(self, tls: tuple[bytes, bytes, bytes], nodes: list[str],
-                 trainer: Callable[[int], LocalTrainer] = StepTrainer, root: str = "",
+                 trainer: Callable[[int, Path], LocalTrainer] = step_trainer, root: str = "",
                  seed: int = 0) -> None:
         self.tls = tls
         self.nodes = list(nodes)
@@ -205,7 +240,7 @@ class VirtualSites:
         self._index: dict[str, int] = {}
         self._waiting: deque[str] = deque()  # not online, in line for a turn
         self._online: dict[str, int] = {}  # idle and polling: polls left in its stint
-        self._agents: dict[str, Agent] = {}  # active: in a round
+        self._agents: dict[str, Agent | None] = {}  # active: in a round
         self._taken: dict[str, list[SharedChannel]] = {}  # the channels each agent holds
         self._recent: dict[str, float] = {}  # left the online set at (monotonic)
         self._sessions: set[str] = set()
@@ -216,11 +251,12 @@ class VirtualSites:
 
     # ------------------------------------------------------------ the host's surface
 
-    def add_sites(self, sites: list[tuple[str, bytes]]) -> int:
-        """Host these (site id, Ed25519 private seed) pairs; returns how many it holds."""
+    def add_sites(self, sites: list[tuple[str, bytes, int]]) -> int:
+        """Host these (site id, Ed25519 private seed, index among all the simulation's
+        sites); returns how many it holds."""
         with self._lock:
-            for site, seed in sites:
-                self._index.setdefault(site, len(self._index))
+            for site, seed, index in sites:
+                self._index[site] = index
                 self._seeds[site] = seed
                 self._waiting.append(site)
             return len(self._seeds)
@@ -255,7 +291,8 @@ class VirtualSites:
         with self._lock:
             agents = list(self._agents.values())
         for agent in agents:
-            agent.stopped.set()
+            if agent is not None:
+                agent.stopped.set()
         self._timers.stop()
         out = self.stats()
         self._pool.close()
@@ -385,9 +422,9 @@ class VirtualSites:
             self._online.pop(site, None)
             if site in self._waiting:
                 self._waiting.remove(site)
-            self._agents[site] = agent = self._agent(site)
+            self._agents[site] = None  # active; its agent is made on its own thread
             self.counts["activated"] += 1
-        threading.Thread(target=self._run_agent, args=(site, agent), daemon=True,
+        threading.Thread(target=self._run_agent, args=(site,), daemon=True,
                          name=f"virtual-{site}").start()
         if new:
             self._catch_up()
@@ -406,7 +443,8 @@ class VirtualSites:
     def _agent(self, site: str) -> Agent:
         """The site's real agent, over channels the host shares (given back at its end)."""
         nodes = [self._leader, *(n for n in self.nodes if n != self._leader)]
-        taken: list[SharedChannel] = self._taken.setdefault(site, [])
+        with self._lock:
+            taken: list[SharedChannel] = self._taken.setdefault(site, [])
 
         def connect(address: str) -> SharedChannel:
             taken.append(self._pool.take(address))
@@ -419,14 +457,21 @@ class VirtualSites:
                     self.accepted[o.round] += 1
             agent.stopped.set()  # its part in the round is over, however it ended
 
-        agent = Agent(site, nodes, self.tls, self._key(site), self.trainer(self._index[site]),
-                      self.root / site, poll_wait_s=5.0, on_round=outcome, connect=connect)
+        trainer = self.trainer(self._index[site], self.root / site)
+        agent = Agent(site, nodes, self.tls, self._key(site), trainer, self.root / site,
+                      poll_wait_s=5.0, on_round=outcome, connect=connect)
         return agent
 
-    def _run_agent(self, site: str, agent: Agent) -> None:
-        """Run the agent until its round outcome (or ACTIVE_LIMIT_S), then idle again."""
-        self._timers.later(ACTIVE_LIMIT_S, agent.stopped.set)
+    def _run_agent(self, site: str) -> None:
+        """Make the site's agent and run it until its round outcome (or ACTIVE_LIMIT_S),
+        then idle again."""
         try:
+            agent = self._agent(site)
+            with self._lock:
+                self._agents[site] = agent
+            if self._stopped.is_set():
+                agent.stopped.set()
+            self._timers.later(ACTIVE_LIMIT_S, agent.stopped.set)
             agent.run(max_rounds=1)
         except PermissionError as exc:
             log.error("virtual site %s refused: %s", site, exc)

@@ -141,8 +141,10 @@ def start_cluster(root: Path, bind: str) -> LocalCluster:
     return c
 
 
-def enroll(c: LocalCluster, n: int, workers: int = 4) -> list[tuple[str, bytes]]:
-    """Enroll n sites, each with a new Ed25519 key; returns (site, private seed)."""
+def enroll(c: LocalCluster, n: int, budget: dict[str, float],
+           workers: int = 4) -> list[tuple[str, bytes, int]]:
+    """Enroll n sites, each with a new Ed25519 key (and `budget`, when given, as its
+    privacy budget on the ledger); returns (site, private seed, index)."""
     sites = []
     for i in range(n):
         key = Ed25519PrivateKey.generate()
@@ -155,13 +157,13 @@ def enroll(c: LocalCluster, n: int, workers: int = 4) -> list[tuple[str, bytes]]
     def one(item: tuple[str, bytes, str]) -> None:
         if not hasattr(local, "admin"):
             local.admin = AdminClient(OperatorConfig((leader,), c.operator), timeout=30)
-        local.admin.call("Enroll", {"site": item[0], "public_key": item[2]})
+        local.admin.call("Enroll", {"site": item[0], "public_key": item[2], **budget})
 
     with ThreadPoolExecutor(workers) as pool:
         for k, _ in enumerate(pool.map(one, sites), 1):
             if k % 1000 == 0:
                 log(f"{k} sites enrolled")
-    return [(s, seed) for s, seed, _ in sites]
+    return [(s, seed, i) for i, (s, seed, _) in enumerate(sites)]
 
 
 def host_tls(c: LocalCluster, k: int) -> tuple[bytes, bytes, bytes]:
@@ -175,20 +177,33 @@ def host_tls(c: LocalCluster, k: int) -> tuple[bytes, bytes, bytes]:
 # ---------------------------------------------------------------- the run
 
 
-def start_hosts(ray: Any, c: LocalCluster, sites: list[tuple[str, bytes]], actors: int,
-                online: int, settle: float) -> tuple[list[Any], dict[str, Any]]:
+def trainers(args: argparse.Namespace) -> Any:
+    """What the virtual sites train with: --task step (a random step, no data) or a
+    built-in task on its share of the data, with DP-SGD when --epsilon is given."""
+    from client.config import PrivacyConfig
+    from client.virtual_sites import TaskTrainers, step_trainer
+
+    if args.task == "step":
+        return step_trainer
+    privacy = PrivacyConfig(args.epsilon, planned_rounds=args.rounds) if args.epsilon else None
+    return TaskTrainers(args.task, args.sites, privacy)
+
+
+def start_hosts(ray: Any, c: LocalCluster, sites: list[tuple[str, bytes, int]],
+                args: argparse.Namespace, actors: int, online: int
+                ) -> tuple[list[Any], dict[str, Any]]:
     """The actors, their sites added and brought online; and the idle memory figures."""
     from client.virtual_sites import VirtualSites
 
     host = ray.remote(num_cpus=0)(VirtualSites).options(scheduling_strategy="SPREAD")
     fleet = [n.fleet for n in c.nodes]
-    hosts = [host.remote(host_tls(c, k), fleet, seed=k) for k in range(actors)]
+    hosts = [host.remote(host_tls(c, k), fleet, trainers(args), seed=k) for k in range(actors)]
     empty = ray.get([h.stats.remote() for h in hosts])
     shares = [sites[k::actors] for k in range(actors)]
     ray.get([h.add_sites.remote(share) for h, share in zip(hosts, shares, strict=True)])
     ray.get([h.start.remote(online // actors + (k < online % actors))
              for k, h in enumerate(hosts)])
-    time.sleep(settle)  # every online site has polled, and waits again
+    time.sleep(args.settle)  # every online site has polled, and waits again
     idle = ray.get([h.stats.remote() for h in hosts])
     per_site = [(b["rss_mb"] - a["rss_mb"]) * 1024 / max(1, b["hosted"])
                 for a, b in zip(empty, idle, strict=True)]
@@ -242,7 +257,8 @@ def round_rows(st: dict[str, Any], first: int, rounds: int, t0: float,
                      "survivors": len(done["survivors"]),
                      "round_s": done["metrics"].get("seconds"),
                      "wall_s": round(wall, 1) if wall is not None else None,
-                     "aborted_attempts": len(h.get("aborted") or [])})
+                     "aborted_attempts": len(h.get("aborted") or []),
+                     "base_accuracy": done["metrics"].get("base_accuracy")})
     return rows
 
 
@@ -253,11 +269,15 @@ def simulate(args: argparse.Namespace, ray: Any, root: Path) -> dict[str, Any]:
     hosts: list[Any] = []
     try:
         t = time.monotonic()
-        sites = enroll(c, args.sites)
+        budget = {"epsilon": args.epsilon, "delta": 1e-5} if args.epsilon else {}
+        sites = enroll(c, args.sites, budget)
         enroll_s = time.monotonic() - t
         log(f"{args.sites} sites enrolled in {enroll_s:.1f} s")
-        c.admin.call("InitModel", {"data": wire.encode_model(
-            {"w": np.zeros(args.dim, np.float32)})})
+        if args.task == "step":
+            c.admin.call("InitModel", {"data": wire.encode_model(
+                {"w": np.zeros(args.dim, np.float32)})})
+        else:
+            c.init_model(args.task)
         if args.address:
             ray.init(address=args.address, log_to_driver=False)
         else:
@@ -265,7 +285,7 @@ def simulate(args: argparse.Namespace, ray: Any, root: Path) -> dict[str, Any]:
                      object_store_memory=100 * 2**20)
         actors = args.actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
         online = min(args.sites, args.online or 2 * args.per_round)
-        hosts, idle = start_hosts(ray, c, sites, actors, online, args.settle)
+        hosts, idle = start_hosts(ray, c, sites, args, actors, online)
         log(f"{actors} actors, {online} sites online: {idle}")
         before = c.admin.call("RoundStatus")
         first, changes0 = before["last_round"], len(before["leader_history"])
@@ -280,7 +300,9 @@ def simulate(args: argparse.Namespace, ray: Any, root: Path) -> dict[str, Any]:
         stats = ray.get([h.stop.remote() for h in hosts])
         memory.sample()
         rows = round_rows(st, first, args.rounds, t0, ends)
+        ledger = c.admin.call("Sites", timeout=60)["sites"]
         return {"sites": args.sites, "per_round": args.per_round, "rounds": args.rounds,
+                "task": args.task, "epsilon": args.epsilon or None,
                 "rounds_committed": len(rows), "actors": actors, "online": online,
                 "ray_address": args.address or "local", "dim": args.dim,
                 "enroll_s": round(enroll_s, 1), "round_rows": rows,
@@ -292,6 +314,10 @@ def simulate(args: argparse.Namespace, ray: Any, root: Path) -> dict[str, Any]:
                 "actor_peak_rss_mb": [round(s["peak_rss_mb"], 1) for s in stats],
                 "accepted": _merged([s["accepted"] for s in stats]),
                 "activated": _merged([s["activated"] for s in stats]),
+                # the replicated privacy ledger: sites charged, and the largest spend
+                "sites_charged": sum(1 for x in ledger if x["charges"]),
+                "max_epsilon_spent": round(max((float(x["spent"]) for x in ledger),
+                                               default=0.0), 4),
                 "host_counts": _merged([s["counts"] for s in stats]), **idle}
     finally:
         memory.stop()
@@ -340,7 +366,11 @@ def main() -> int:
     ap.add_argument("--bind", default="127.0.0.1", help="where the nodes listen")
     ap.add_argument("--actors", type=int, default=0, help="default: the Ray cluster's CPUs")
     ap.add_argument("--online", type=int, default=0, help="default: 2 x --per-round")
-    ap.add_argument("--dim", type=int, default=10_000)
+    ap.add_argument("--dim", type=int, default=10_000, help="the model's size with --task step")
+    ap.add_argument("--task", default="step",
+                    help="step (a random step, no data) or a built-in task (digits_small, ...)")
+    ap.add_argument("--epsilon", type=float, default=0.0,
+                    help="each site's budget: record-level DP-SGD (a built-in task only)")
     ap.add_argument("--stage-timeout", type=float, default=60.0,
                     help="each SecAgg+ key stage's deadline (local training: twice it); the "
                          "node's default, 20 s, is for sites with a machine each")
@@ -356,6 +386,9 @@ def main() -> int:
         return 2
     if not 2 <= args.per_round <= args.sites:
         print("--per-round must be between 2 and --sites", file=sys.stderr)
+        return 2
+    if args.epsilon and args.task == "step":
+        print("--epsilon needs a built-in --task (DP-SGD trains on records)", file=sys.stderr)
         return 2
     root = Path(tempfile.mkdtemp(prefix="fedraft-simulate-"))
     try:

@@ -21,13 +21,15 @@ SIMULATE = ROOT / "simulations" / "simulate.py"
 
 
 def test_fifty_virtual_sites_run_rounds_through_local_ray() -> None:
-    """50 sites on local Ray, 20 sampled per round, 2 rounds: each round commits with 20
-    participants and 20 survivors, and the sites' own agents saw 20 updates taken."""
+    """50 sites on local Ray training digits with DP-SGD (epsilon 8 each), 20 sampled per
+    round, 2 rounds: each round commits with 20 participants and 20 survivors, the sites'
+    own agents saw 20 updates taken, and the ledger charged them within their budget."""
     pytest.importorskip("ray", reason="the simulation needs Ray: pip install -e '.[sim]'")
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.run(
         [sys.executable, str(SIMULATE), "--sites", "50", "--per-round", "20", "--rounds", "2",
          "--online", "50", "--min-clients", "20", "--actors", "2", "--settle", "3",
+         "--task", "digits_small", "--epsilon", "8",
          "--timeout", "240", "--json"],
         capture_output=True, text=True, timeout=420, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -38,6 +40,8 @@ def test_fifty_virtual_sites_run_rounds_through_local_ray() -> None:
     assert result["accepted"] == {r: 20 for r in rounds}  # what the virtual agents saw
     assert result["host_counts"].get("errors", 0) == 0
     assert result["online_on_leader"] == 50
+    assert 20 <= result["sites_charged"] <= 40  # DP-SGD ran, and the leader charged it
+    assert 0 < result["max_epsilon_spent"] <= 8
     assert result["peak_rss_mb"] > 0 and result["idle_site_kb"] > 0
 
 
