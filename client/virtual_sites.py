@@ -59,9 +59,10 @@ PRESENCE_WAIT_S = wire.POLL_WAIT_MAX_S
 """How long an idle site's Poll waits on the leader: the longest a node allows."""
 STINT = 3
 """Polls a site stays online before the next in line takes its turn (when it has one)."""
-RECENT_S = 10.0
-"""How long a site that left the online set may still be sampled (the leader's presence
-window is 8 s), plus a margin."""
+RECENT_S = 30.0
+"""How long after it left the online set a site is looked at for a new session's task:
+the leader's presence window (8 s), plus the time a busy host may take to see the
+session's first task."""
 ACTIVE_LIMIT_S = 300.0
 """An active agent still without an outcome this long after its task is stopped."""
 EVAL_BACKOFF_S = 30.0
@@ -305,8 +306,9 @@ class VirtualSites:
     def _key(self, site: str) -> Ed25519PrivateKey:
         return Ed25519PrivateKey.from_private_bytes(self._seeds[site])
 
-    def _poll(self, site: str, wait: float, catch_up: bool = False) -> None:
-        """Send `site`'s Poll as a future; `_polled` takes the reply."""
+    def _poll(self, site: str, wait: float, catch_up: int = 0) -> None:
+        """Send `site`'s Poll as a future; `_polled` takes the reply. A catch-up poll
+        (`catch_up` tries left) is one short look for a task, not a presence poll."""
         if self._stopped.is_set():
             return
         address = self._leader
@@ -323,7 +325,7 @@ class VirtualSites:
             lambda f: self._polled(site, address, channel, f, catch_up))
 
     def _polled(self, site: str, address: str, channel: SharedChannel, future: grpc.Future,
-                catch_up: bool) -> None:
+                catch_up: int) -> None:
         self._pool.give(channel)
         if self._stopped.is_set():
             return
@@ -331,11 +333,14 @@ class VirtualSites:
             reply = wire.unpack(future.result())
         except (grpc.RpcError, grpc.FutureCancelledError) as exc:
             code = exc.code().name if isinstance(exc, grpc.RpcError) else "CANCELLED"
-            self._count("poll_failed")
-            log.info("poll for %s at %s failed (%s); trying the next node", site, address, code)
-            self._next_node(address)
+            self._count(f"poll_failed_{code}")
+            log.info("poll for %s at %s failed (%s)", site, address, code)
+            if code == "UNAVAILABLE":  # that node is down: the next one (a late reply: again)
+                self._next_node(address)
             if not catch_up:
                 self._timers.later(0.5, lambda: self._poll(site, PRESENCE_WAIT_S))
+            elif catch_up > 1:
+                self._timers.later(0.5, lambda: self._poll(site, 0.0, catch_up - 1))
             return
         try:
             self._answer(site, address, reply, catch_up)
@@ -343,9 +348,14 @@ class VirtualSites:
             log.exception("virtual site %s: reply not handled", site)
             self._count("errors")
 
-    def _answer(self, site: str, address: str, reply: dict[str, Any], catch_up: bool) -> None:
+    def _answer(self, site: str, address: str, reply: dict[str, Any], catch_up: int) -> None:
         """What an idle site does with its Poll's reply."""
-        again = (lambda: None) if catch_up else (lambda: self._poll(site, PRESENCE_WAIT_S))
+        def again() -> None:  # a presence poll goes on; a catch-up tries while it may
+            if not catch_up:
+                self._poll(site, PRESENCE_WAIT_S)
+            elif catch_up > 1:
+                self._poll(site, 0.0, catch_up - 1)
+
         if not reply.get("ok"):
             code = reply.get("code")
             self._count(f"refused_{code}")
@@ -438,7 +448,7 @@ class VirtualSites:
             sites = [s for s in self._recent if s not in self._agents and s not in self._online]
         self._count("catch_up_polls", len(sites))
         for site in sites:
-            self._poll(site, 0.0, catch_up=True)
+            self._poll(site, 0.0, catch_up=3)
 
     def _agent(self, site: str) -> Agent:
         """The site's real agent, over channels the host shares (given back at its end)."""
