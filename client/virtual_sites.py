@@ -57,12 +57,17 @@ STREAMS = 24
 """Calls one shared channel carries at a time; the node admits 32 per connection."""
 PRESENCE_WAIT_S = wire.POLL_WAIT_MAX_S
 """How long an idle site's Poll waits on the leader: the longest a node allows."""
-STINT = 3
+STINT = 6
 """Polls a site stays online before the next in line takes its turn (when it has one)."""
 RECENT_S = 30.0
 """How long after it left the online set a site is looked at for a new session's task:
 the leader's presence window (8 s), plus the time a busy host may take to see the
 session's first task."""
+CATCH_UP_AT_S = (0.0, 10.0, 20.0)
+"""When, after a host first sees a new session, it looks at the sites that left recently
+(a look it cannot make in time, under load, is made by the next)."""
+UNAVAILABLE_IN_A_ROW = 5
+"""Failed polls in a row, with no reply between, before the host tries the next node."""
 ACTIVE_LIMIT_S = 300.0
 """An active agent still without an outcome this long after its task is stopped."""
 EVAL_BACKOFF_S = 30.0
@@ -246,6 +251,7 @@ class VirtualSites:
         self._recent: dict[str, float] = {}  # left the online set at (monotonic)
         self._sessions: set[str] = set()
         self._leader = self.nodes[0]
+        self._unavailable = 0  # polls failed UNAVAILABLE since the last reply
         self.counts: Counter[str] = Counter()
         self.accepted: Counter[int] = Counter()  # round -> sites whose update was taken
         self.activated: Counter[int] = Counter()  # round -> sites that took part
@@ -342,6 +348,7 @@ class VirtualSites:
             elif catch_up > 1:
                 self._timers.later(0.5, lambda: self._poll(site, 0.0, catch_up - 1))
             return
+        self._unavailable = 0
         try:
             self._answer(site, address, reply, catch_up)
         except Exception:
@@ -362,7 +369,7 @@ class VirtualSites:
             if code == "rate_limited":
                 self._timers.later(retry_after(reply), again)
             elif code in wire.TRY_NEXT_NODE:
-                self._next_node(address)
+                self._next_node(address, at_once=True)
                 self._timers.later(0.2, again)
             elif code in ("unenrolled", "revoked", "bad_signature", "forbidden"):
                 log.error("virtual site %s refused: %s", site, reply.get("error"))
@@ -377,7 +384,7 @@ class VirtualSites:
             if leader and leader != address:
                 self._leader = leader
             else:
-                self._next_node(address)
+                self._next_node(address, at_once=True)
             self._timers.later(0.0 if leader else 0.2, again)
         elif status == "task":
             self._task(site, reply.get("task"), again)
@@ -399,8 +406,16 @@ class VirtualSites:
                 self._online[nxt] = STINT
         self._poll(nxt, PRESENCE_WAIT_S)
 
-    def _next_node(self, failed: str) -> None:
-        if self._leader == failed:
+    def _next_node(self, failed: str, at_once: bool = False) -> None:
+        """Move the host's polls on from `failed`: at once when it said so, else after
+        UNAVAILABLE_IN_A_ROW failed calls with no reply between (one may be a connection
+        the node let go idle)."""
+        with self._lock:
+            self._unavailable += 1
+            if self._leader != failed or not (
+                    at_once or self._unavailable >= UNAVAILABLE_IN_A_ROW):
+                return
+            self._unavailable = 0
             i = self.nodes.index(failed) if failed in self.nodes else -1
             self._leader = self.nodes[(i + 1) % len(self.nodes)]
 
@@ -436,8 +451,9 @@ class VirtualSites:
             self.counts["activated"] += 1
         threading.Thread(target=self._run_agent, args=(site,), daemon=True,
                          name=f"virtual-{site}").start()
-        if new:
-            self._catch_up()
+        if new:  # now, and twice more while the session's first stages run
+            for delay in CATCH_UP_AT_S:
+                self._timers.later(delay, self._catch_up)
 
     def _catch_up(self) -> None:
         """Poll once, at once, for every site that left the online set so recently that
