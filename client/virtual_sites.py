@@ -20,7 +20,8 @@ any process.
 
 A site that has just left the online set still counts as online on the leader for its
 presence window (8 s) and may be sampled then; so when the host first sees a new session
-it polls once, at once, for each site that left in the last RECENT_S seconds.
+it looks (a short Poll) for a task for each site that left in the last RECENT_S seconds,
+at once and again at each of CATCH_UP_AT_S.
 
 What virtual sites do not do: answer a finished run's final evaluation (the simulation
 measures rounds), or report unsettled DP runs while idle (an active agent does).

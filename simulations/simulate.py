@@ -2,6 +2,7 @@
 
     .venv/bin/python simulations/simulate.py [--sites 10000] [--per-round 1000]
         [--rounds 3] [--address RAY_ADDRESS] [--actors N] [--online N] [--dim 10000]
+        [--task step|digits_small|...] [--epsilon E] [--stage-timeout 60] [--logs DIR]
         [--json]
 
 Needs Ray: `pip install -e '.[sim]'` (without it: one line, exit 2).
@@ -12,9 +13,13 @@ over --actors Ray actors (default: one per CPU of the Ray cluster), each a
 `client.virtual_sites.VirtualSites` host: an idle site is its key and, while online, one
 long Poll in flight on a channel the actor shares; a site the leader samples runs the real
 `client.agent.Agent` (signatures, SecAgg+ client, the privacy pipeline, durable state)
-with a trivial local trainer until its part in the round ends. About --online sites are
-online at any time (default: twice --per-round, at most --sites); they take turns, so all
-sites come online during a run. The run asks for --rounds rounds of --per-round sites.
+until its part in the round ends. It trains with --task: `step` (a random step, no data:
+the protocol's cost, not training's) or a built-in task on its share of the data, with
+record-level DP-SGD and a budget of --epsilon on the ledger when given. About --online
+sites are online at any time (default: twice --per-round, at most --sites); they take
+turns, so all sites come online during a run. The run asks for --rounds rounds of
+--per-round sites, SecAgg+ on, compression 10, with --stage-timeout per key stage (the
+node's 20 s is for sites with a machine each; here they share the cores).
 
 --address names a running Ray cluster (`ray start --head` on one machine, `ray start
 --address ...` on the others, fedraft installed on each): the actors spread over its
@@ -22,11 +27,12 @@ machines, and the nodes then bind --bind (an address those machines reach). With
 Ray runs on this machine and stops at the end.
 
 Reported: seconds per round (the leader's `seconds` of each committed round, and the
-wall time between commits), participants and survivors per round, the peak total memory
-of this run's processes on this machine (the nodes, Ray's own processes and the actors,
-RSS summed, and PSS, which counts shared pages once), and the memory per idle virtual
-site (an actor's RSS with its sites online and idle, less its RSS before it held any,
-divided by its sites). `--json` prints one JSON object as the last line.
+wall time between commits, to within the 1 s it is polled at), participants and
+survivors per round, the peak total memory of this run's processes on this machine (the
+nodes, Ray's own processes when it started them, the actors: RSS summed, and PSS, which
+counts shared pages once), and the memory per idle virtual site (an actor's RSS with its
+sites online and idle, less its RSS before it held any, divided by its sites). `--json`
+prints one JSON object as the last line.
 """
 
 from __future__ import annotations
@@ -377,6 +383,7 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=20.0,
                     help="seconds the sites idle online before the idle memory is read")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds for the rounds")
+    ap.add_argument("--logs", default="", help="a directory to keep the nodes' logs in")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     try:
@@ -394,6 +401,10 @@ def main() -> int:
     try:
         result = simulate(args, ray, root)
     finally:
+        if args.logs:  # the nodes' logs, kept for a look at each stage's time
+            Path(args.logs).mkdir(parents=True, exist_ok=True)
+            for log_file in root.glob("n*/node.log"):
+                shutil.copy(log_file, Path(args.logs) / f"{log_file.parent.name}.log")
         shutil.rmtree(root, ignore_errors=True)
     summary(result)
     if args.json:
