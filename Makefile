@@ -5,7 +5,9 @@ STAMP := $(VENV)/.installed-stamp
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	# the sim extra (Ray) only for simulations/simulate.py and its test; the node and
+	# the agent never import it
+	$(VENV)/bin/pip install -q -e '.[dev,sim]'
 	# tests/audit/test_console.py drives Debian's chromium through Playwright (no browser download)
 	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
 	touch $(STAMP)

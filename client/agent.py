@@ -54,7 +54,9 @@ class Agent:
     """One site's connection to the federation and its loop over round tasks.
 
     `trainer` trains locally; `state_dir` holds the site's durable files (`client.store`).
-    `on_round` is told how each of the site's round attempts ended.
+    `on_round` is told how each of the site's round attempts ended. `connect` makes the
+    channel to a node address (default: a channel of the site's own); a host of many
+    virtual sites passes channels they share (`client.virtual_sites`).
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class Agent:
         state_dir: Path,
         poll_wait_s: float = 5.0,
         on_round: Callable[[RoundOutcome], None] | None = None,
+        connect: Callable[[str], wire.Channel] | None = None,
     ) -> None:
         self.site_id = site_id
         self.nodes = list(nodes)
@@ -77,6 +80,7 @@ class Agent:
         self.poll_wait_s = poll_wait_s
         self.on_round = on_round
         self._channels: dict[str, wire.Channel] = {}
+        self._connect = connect or (lambda address: wire.Channel(address, *self.tls))
         self._current = 0
         self._leader_hint: str | None = None
         self._model_cache: dict[str, Parameters] = {}
@@ -90,7 +94,7 @@ class Agent:
 
     def _channel(self, address: str) -> wire.Channel:
         if address not in self._channels:
-            self._channels[address] = wire.Channel(address, *self.tls)
+            self._channels[address] = self._connect(address)
         return self._channels[address]
 
     def _address(self) -> str:

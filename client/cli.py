@@ -64,15 +64,9 @@ def _trainer_from_config(cfg: SiteConfig) -> LocalTrainer:
     p = cfg.privacy
     if p is None:
         return trainer
-    from client.dp.record_level import DPTorchTrainer
+    from client.dp.record_level import site_dp_sgd
 
-    # Record-level DP-SGD: one PrivacyEngine for the site's whole training; its
-    # accountant history lives in the state dir, so a restarted agent continues it.
-    return DPTorchTrainer(trainer, epsilon=p.epsilon, delta=p.delta,
-                          planned_rounds=p.planned_rounds,
-                          state_path=cfg.state_dir / "dp-accountant.json",
-                          clip_norm=p.clip_norm, sample_rate=p.sample_rate,
-                          local_epochs=p.local_epochs)
+    return site_dp_sgd(trainer, p, cfg.state_dir)
 
 
 def _client_level_dp(cfg: SiteConfig, p: PrivacyConfig, hosted: LocalTrainer) -> LocalTrainer:

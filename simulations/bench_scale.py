@@ -6,8 +6,9 @@
 For each site count n: a fresh cluster (mTLS, real node processes, the default node
 configuration), n enrolled sites, a genesis model of --dim float32 coordinates, and n
 real site agents (`client.agent.Agent`: signatures, SecAgg+ client, sparsification, error
-feedback) run as threads of --swarms processes, each with a trivial local trainer (the
-update is a small random step: the cost is the protocol's, not training's). The run asks
+feedback) run as threads of --swarms processes, each with a trivial local trainer
+(`client.virtual_sites.StepTrainer`: the update is a small random step, so the cost is the
+protocol's, not training's). `simulate.py` runs many more sites, on Ray actors. The run asks
 for --rounds rounds with every site sampled and reports, per n: the median round seconds
 (the leader's own `seconds` metric of each committed round), the leader's CPU seconds per
 round (utime + stime over the run of the busiest node, the leader, divided by the
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
+from client.virtual_sites import StepTrainer  # noqa: E402
 from coordinator import wire  # noqa: E402
 from coordinator.demo.cluster import LocalCluster  # noqa: E402
 
@@ -49,28 +51,6 @@ def log(msg: str) -> None:
 
 
 # ---------------------------------------------------------------- one swarm process
-
-
-class StepTrainer:
-    """Local training as a small random step from the base: no data, constant cost."""
-
-    def __init__(self, seed: int) -> None:
-        self.rng = np.random.default_rng(seed)
-
-    def initial_parameters(self) -> dict[str, np.ndarray]:
-        raise NotImplementedError
-
-    def fit(self, params: dict[str, np.ndarray], config: Any) -> Any:
-        from client.training.protocols import FitResult
-
-        out = {k: (v + self.rng.normal(0, 0.01, v.shape)).astype(np.float32)
-               for k, v in params.items()}
-        return FitResult(params=out, num_examples=100, metrics={"train_loss": 0.5})
-
-    def evaluate(self, params: dict[str, np.ndarray], config: Any) -> Any:
-        from client.training.protocols import EvalResult
-
-        return EvalResult(loss=0.5, num_examples=100, metrics={"accuracy": 0.5})
 
 
 def swarm(spec_path: str) -> int:

@@ -38,6 +38,7 @@ from opacus.validators.errors import UnsupportedModuleError
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.config import PrivacyConfig
 from client.dp.ledger import LedgerBacked, PrivacyLedger
 from client.training.protocols import ChargePreview, EvalResult, FitResult, Parameters
 from client.training.tasks import TorchTaskTrainer, get_parameters, set_parameters
@@ -251,3 +252,16 @@ class DPTorchTrainer(LedgerBacked):
             num_examples=self._task.site.num_train,
             metrics=metrics,
         )
+
+
+def site_dp_sgd(task_trainer: TorchTaskTrainer, privacy: PrivacyConfig,
+                state_dir: Path) -> DPTorchTrainer:
+    """A site's built-in task inside record-level DP-SGD with its [privacy] settings: one
+    PrivacyEngine for the site's whole training, its accountant history in the state dir
+    (`dp-accountant.json`), so a restarted agent, or a virtual site made again for its
+    next round, continues it."""
+    return DPTorchTrainer(task_trainer, epsilon=privacy.epsilon, delta=privacy.delta,
+                          planned_rounds=privacy.planned_rounds,
+                          state_path=Path(state_dir) / "dp-accountant.json",
+                          clip_norm=privacy.clip_norm, sample_rate=privacy.sample_rate,
+                          local_epochs=privacy.local_epochs)
