@@ -268,6 +268,26 @@ def round_rows(st: dict[str, Any], first: int, rounds: int, t0: float,
     return rows
 
 
+def start_ray(ray: Any, address: str, tries: int = 3) -> None:
+    """Join the Ray cluster at `address`, or start Ray on this machine. A local start is
+    tried again: on a busy machine (another Ray starting beside it) its GCS server has been
+    seen to miss Ray's start-up deadline."""
+    for attempt in range(1, tries + 1):
+        try:
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=os.cpu_count(), include_dashboard=False,
+                         log_to_driver=False, object_store_memory=100 * 2**20)
+            return
+        except RuntimeError as exc:
+            ray.shutdown()  # ends whatever of this start did come up
+            if attempt == tries:
+                raise
+            log(f"Ray did not start ({exc}); trying again")
+            time.sleep(5.0)
+
+
 def simulate(args: argparse.Namespace, ray: Any, root: Path) -> dict[str, Any]:
     """One whole run; returns the figures `--json` prints."""
     memory = MemoryWatch()
@@ -284,11 +304,7 @@ def simulate(args: argparse.Namespace, ray: Any, root: Path) -> dict[str, Any]:
                 {"w": np.zeros(args.dim, np.float32)})})
         else:
             c.init_model(args.task)
-        if args.address:
-            ray.init(address=args.address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                     object_store_memory=100 * 2**20)
+        start_ray(ray, args.address)
         actors = args.actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
         online = min(args.sites, args.online or 2 * args.per_round)
         hosts, idle = start_hosts(ray, c, sites, args, actors, online)
