@@ -173,10 +173,13 @@ class Node:
     def _audit_entries(self, after: int, limit: int) -> list[dict[str, Any]]:
         return [e.to_dict() for e in self.audit.store.entries_after_raft_index(after, limit)]
 
-    def _audit_from_peers(self, after: int, limit: int) -> list[dict[str, Any]]:
+    def _audit_from_peers(self, after: int, limit: int) -> list[dict[str, Any]] | None:
         """The first peer's audit entries after command `after` (for the catch-up after a
-        snapshot); [] when no peer has any yet."""
-        for peer in self.membership.peers():
+        snapshot); [] when no peer has any yet, None when this node has no peer."""
+        peers = self.membership.peers()
+        if not peers:
+            return None
+        for peer in peers:
             try:
                 reply = self.peer_channels.get(peer).call(
                     wire.ADMIN_SERVICE, "AuditEntries", {"after": after, "limit": limit},

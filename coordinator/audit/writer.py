@@ -42,7 +42,7 @@ from coordinator.core import commands
 log = logging.getLogger(__name__)
 
 CATCH_UP_BATCH = 200
-PeerEntries = Callable[[int, int], list[dict[str, Any]]]
+PeerEntries = Callable[[int, int], list[dict[str, Any]] | None]
 CHECK_EVERY_S = 2.0
 """How often the writer checks that the stored log is still the one it wrote."""
 
@@ -208,11 +208,17 @@ class AuditWriter:
         snapshot."""
         self.store = open_store(url, signer)
         self._from_peers = from_peers
+        try:
+            head = self.store.head()
+        except Exception:  # unreadable now: the writer thread tries again
+            head = None
+        # the command (state seq) of the last entry in the stored log: read before the
+        # node's first compaction can record it in a snapshot
+        self._through = head.raft_index if head is not None and head.raft_index else 0
         self.damage: str | None = None  # why the stored log stopped being the one written
         self._on_written = on_written
         self._closing = threading.Event()
         self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
-        self._through = 0  # the command (state seq) of the last entry in the stored log
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
@@ -246,7 +252,6 @@ class AuditWriter:
         except Exception:
             log.exception("audit log head unreadable")
         written = head.seq if head is not None else -1
-        self._through = head.raft_index if head is not None and head.raft_index else 0
         checked = time.monotonic()
         while True:
             try:
@@ -298,12 +303,11 @@ class AuditWriter:
                               f"{target}, its own ends at command {self._through}, and it has "
                               "no peer to copy the entries in between from")
                 return
-            entries = [Entry.from_dict(d) for d in batch]
-            if entries and entries[0].raft_index > target:
+            if batch and batch[0]["raft_index"] > target:
                 self._through = target  # no command in the gap wrote an entry
                 return
-            entries = [e for e in entries if e.raft_index <= target]
-            if not entries:
+            batch = [d for d in batch if d["raft_index"] <= target]
+            if not batch:
                 if waited % 15 == 0:
                     log.warning("audit log ends at command %d, its snapshot at %d: waiting "
                                 "for a peer to copy the entries in between from", self._through,
@@ -311,14 +315,29 @@ class AuditWriter:
                 waited += 1
                 self._closing.wait(2.0)
                 continue
-            try:
-                self.store.import_entries(entries)
-            except AuditIntegrityError as exc:
-                self._damaged(f"a peer's audit entries do not extend this log: {exc}")
+            if not self._import(batch):
                 return
-            self._through = entries[-1].raft_index
-            log.info("audit log: copied %d entries from a peer, now through command %d",
-                     len(entries), self._through, extra={"event": "audit_caught_up"})
+
+    def _import(self, batch: list[dict[str, Any]]) -> bool:
+        """Keep a peer's entries (each checked by `import_entries`); False once the log is
+        named damaged. An empty log first gets its genesis (the same on every node: one
+        cluster key), so a peer's first entry extends it."""
+        try:
+            if self.store.head() is None:
+                self.store.ensure_genesis()
+            entries = [Entry.from_dict(d) for d in batch]
+            self.store.import_entries(entries)
+        except (OSError, OperationalError) as exc:  # the database cannot write now: later
+            log.error("audit catch-up could not write (%s); retrying", exc)
+            self._closing.wait(2.0)
+            return True
+        except Exception as exc:  # not an extension of this log, or not an entry at all
+            self._damaged(f"a peer's audit entries do not extend this log: {exc}")
+            return False
+        self._through = entries[-1].raft_index
+        log.info("audit log: copied %d entries from a peer, now through command %d",
+                 len(entries), self._through, extra={"event": "audit_caught_up"})
+        return True
 
     def _check(self) -> None:
         if self.damage is not None:

@@ -217,8 +217,11 @@ class BlobService:
             if time.monotonic() - collected >= COLLECT_EVERY_S:
                 collected = time.monotonic()
                 keep = set(retained())
-                self._missing &= keep
-                self.collect(keep)
+                # versions a snapshot brought were never applied here: fetch them too
+                self._missing = (self._missing & keep) | {
+                    h for h in keep if not self.store.has(h)}
+                if keep:  # an empty state (not loaded yet) keeps everything
+                    self.collect(keep)
 
     def collect(self, keep: set[str], min_age_s: float = COLLECT_MIN_AGE_S) -> int:
         """Delete blobs outside `keep` (`queries.retained_versions`) older than

@@ -231,6 +231,9 @@ def make_journal_durable(sync: SyncObj) -> None:
     meta.storeMeta = durable_store
 
 
+TRIM_FAILED_EXIT = 70  # a trim failed half-way: the node ends, its next start finishes it
+
+
 def _trim_journal(journal: Any, sums: JournalSums, entry_to: int) -> None:
     """Drop the journal's first `entry_to` entries (a snapshot holds them) by an atomic
     rewrite of the file and its sums (`snapshot.trim_journal_file`), then point
@@ -241,14 +244,20 @@ def _trim_journal(journal: Any, sums: JournalSums, entry_to: int) -> None:
     path = Path(journal._FileJournal__journalFile._ResizableFile__fileName)
     keep_from = held[entry_to][1]
     end = snapshot.trim_journal_file(path, keep_from)
-    snapshot.crash_point("journal trimmed, its sums not")
-    snapshot.trim_sums_file(sums.path, keep_from)
-    sums.reopen()
-    old = journal._FileJournal__journalFile
-    journal._FileJournal__journalFile = ResizableFile(str(path))
-    old._destroy()
-    journal._FileJournal__journal = held[entry_to:]
-    journal._FileJournal__currentOffset = end
+    try:  # the old file is gone: from here on, a failure must not leave appends going to it
+        old = journal._FileJournal__journalFile
+        journal._FileJournal__journalFile = ResizableFile(str(path))
+        old._destroy()
+        journal._FileJournal__journal = held[entry_to:]
+        journal._FileJournal__currentOffset = end
+        snapshot.crash_point("journal trimmed, its sums not")
+        snapshot.trim_sums_file(sums.path, keep_from)
+        sums.reopen()
+    except BaseException:
+        log.critical("the journal trim failed after the journal was replaced; exiting, and "
+                     "the next start completes it", exc_info=True,
+                     extra={"event": "raft_trim_failed"})
+        os._exit(TRIM_FAILED_EXIT)
 
 
 # ---------------------------------------------------------------- follower truncation

@@ -195,7 +195,8 @@ class Replica:
             # through fedraft's durable snapshot files (`snapshot`)
             logCompactionMinEntries=2**62,
             logCompactionMinTime=2**62,
-            serializer=snapshot.writer(lambda: self.state.machine, self.audit.through),
+            serializer=snapshot.writer(lambda: self.state.machine, self.audit.through,
+                                       self.state._lock),
             deserializer=snapshot.reader(self.state.install),
             dynamicMembershipChange=True,
             useFork=False,

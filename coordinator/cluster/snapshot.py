@@ -107,14 +107,17 @@ def decode(data: bytes) -> Snapshot:
     return Snapshot(machine, tuple(last), tuple(prev), cluster, audit_through)
 
 
-def writer(machine: Callable[[], dict[str, Any]],
-           audit_through: Callable[[], int]) -> Callable[[str, tuple[Any, ...]], None]:
+def writer(machine: Callable[[], dict[str, Any]], audit_through: Callable[[], int],
+           lock: Any) -> Callable[[str, tuple[Any, ...]], None]:
     """pysyncobj's `serializer` hook: it calls this on its Raft thread, between two
-    applies, with the temporary file's name and (last entry, prev entry, members)."""
+    applies, with the temporary file's name and (last entry, prev entry, members). The
+    state is pickled under `lock`: readers may add an index to it meanwhile."""
 
     def write(tmp: str, data: tuple[Any, ...]) -> None:
         last, prev, cluster = data
-        blob = encode(Snapshot(machine(), tuple(last), tuple(prev), cluster, audit_through()))
+        with lock:
+            blob = encode(Snapshot(machine(), tuple(last), tuple(prev), cluster,
+                                   audit_through()))
         with open(tmp, "wb") as fh:
             fh.write(blob)
             fh.flush()
@@ -167,8 +170,8 @@ class CompactionPolicy:
     Due at `entries` journal entries or `soft_bytes` of journal. It waits while this
     node's audit writer has entries to write (the trimmed commands could no longer rebuild
     them) and, on the leader, while a follower still needs entries it would trim (that
-    follower would get the whole snapshot instead of the entries, and its audit log would
-    miss them). It waits for no follower once the journal reaches `hard_bytes` or
+    follower would get the whole snapshot instead of the entries, and copy their audit
+    entries from a peer). It waits for no follower once the journal reaches `hard_bytes` or
     `hard_factor` times `entries`: a node down for good must not grow the journal towards
     pysyncobj's 4 GiB offset limit, nor the leader's replay at its next start."""
 
@@ -181,11 +184,10 @@ class CompactionPolicy:
 def compaction_due(policy: CompactionPolicy, entries: int, journal_bytes: int,
                    audit_idle: bool, followers_behind: bool) -> bool:
     """Whether to snapshot now (pure: the caller reads the journal and the followers)."""
-    if entries < policy.entries and journal_bytes < policy.soft_bytes:
-        return False
-    if journal_bytes >= policy.hard_bytes or entries >= policy.hard_factor * policy.entries:
-        return True
-    return audit_idle and not followers_behind
+    if entries < policy.entries and journal_bytes < policy.soft_bytes or not audit_idle:
+        return False  # the journal still holds what rebuilds the audit log's missing tail
+    hard = journal_bytes >= policy.hard_bytes or entries >= policy.hard_factor * policy.entries
+    return hard or not followers_behind
 
 
 # ---------------------------------------------------------------- trimming the files

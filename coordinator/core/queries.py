@@ -204,7 +204,7 @@ def retained_versions(state: State) -> set[str]:
     for run in state.get("runs", {}).values():
         if run.get("base"):
             keep.add(run["base"])
-        final = min(run.get("target_round", -1), len(versions) - 1)
+        final = min(run.get("last_round", run.get("target_round", -1)), len(versions) - 1)
         if final >= run.get("first_round", 0):
             keep.add(versions[final]["hash"])
     return keep

@@ -115,11 +115,12 @@ class AdminClient:
         (`api.STATUS_BYTES`), so this pages on and joins the pages. Rounds are immutable
         once committed, so pages from different nodes join consistently. `run`: that
         run's record is in `runs` however old."""
-        reply = self.call("RoundStatus", {"from_round": from_round, **({"run": run} if run else {})},
+        also = {"run": run} if run else {}
+        reply = self.call("RoundStatus", {"from_round": from_round, **also},
                           endpoint=endpoint, timeout=timeout)
         versions, history = list(reply["versions"]), dict(reply["history"])
         while reply["rounds_to"] is not None and reply["rounds_to"] < reply["rounds_end"]:
-            reply = self.call("RoundStatus", {"from_round": reply["rounds_to"] + 1},
+            reply = self.call("RoundStatus", {"from_round": reply["rounds_to"] + 1, **also},
                               endpoint=endpoint, timeout=timeout)
             versions += reply["versions"]
             history.update(reply["history"])

@@ -51,8 +51,9 @@ def test_a_snapshot_reads_back_and_names_damage() -> None:
     (5_000, 100, False, False, False),       # the audit writer is behind
     (5_000, 100, True, True, False),         # a follower still needs the entries
     (19_999, 100, True, True, False),        # under 4x entries: still waits
-    (20_000, 100, False, True, True),        # 4x entries: waits for nobody
-    (10, 256 << 20, True, True, True),       # 256 MiB: waits for nobody
+    (20_000, 100, True, True, True),         # 4x entries: waits for no follower
+    (10, 256 << 20, True, True, True),       # 256 MiB: waits for no follower
+    (20_000, 256 << 20, False, True, False),  # but always for the audit writer
 ])
 def test_when_a_compaction_is_due(entries: int, size: int, idle: bool, behind: bool,
                                   due: bool) -> None:
@@ -170,14 +171,17 @@ def test_a_follower_that_gets_the_leaders_snapshot_copies_the_audit_entries_it_m
         make_cluster: Factory) -> None:
     """A follower down while the leader compacts past it (the leader waits for it, then
     gives up at 4x the threshold) gets the leader's snapshot instead of the entries; its
-    audit log then copies the missing entries from a peer, checked one by one, and ends
-    identical to the leader's."""
+    audit log, lost meanwhile, then copies the missing entries from a peer, checked one by
+    one, and ends identical to the leader's."""
     cluster = make_cluster(snapshot_entries=10, genesis=False)
     leader = cluster.wait_leader(30)
     follower = next(n.id for n in cluster.nodes if n.id != leader)
     _enroll(cluster, 5, "before")
     cluster.kill_node(follower)
     _enroll(cluster, 60, "while-down")  # past 4 x 10 entries: the leader compacts anyway
+    # and its audit log is lost meanwhile: the catch-up starts from an empty log
+    for part in (cluster.root / follower / "data").glob("audit.db*"):
+        part.unlink()
     cluster.start_node(follower)
     deadline = time.monotonic() + 90
     while True:
