@@ -35,6 +35,7 @@ STATUS_BYTES = 48 * 1024
 """What one `RoundStatus` reply spends on rounds: a year of them must not reach gRPC's
 message cap (`AdminClient.round_status` pages on)."""
 AUDIT_PAGE = 200  # audit entries per `AuditEntries` reply
+AUDIT_PAGE_BYTES = 8 << 20  # ... and their bytes (a round of 1,000 sites is ~100-250 kB)
 STATUS_RUNS = 50  # the newest runs a status reply lists (`runs_total` counts them all)
 STATUS_LEADERS = 50  # the newest leader changes it lists (`leader_changes` counts them all)
 
@@ -294,7 +295,13 @@ class NodeApi:
             return wire.error("malformed", "after must be an integer >= 0")
         if type(limit) is not int or not 0 < limit <= AUDIT_PAGE:
             return wire.error("malformed", f"limit must be an integer in 1..{AUDIT_PAGE}")
-        return {"ok": True, "entries": self.audit_entries(after, limit)}
+        entries, used = [], 0
+        for entry in self.audit_entries(after, limit):  # and at most AUDIT_PAGE_BYTES
+            used += _packed_size(entry)
+            if entries and used > AUDIT_PAGE_BYTES:
+                break
+            entries.append(entry)
+        return {"ok": True, "entries": entries}
 
     # ------------------------------------------------------------ admin API: writes
 

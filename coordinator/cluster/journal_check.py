@@ -54,8 +54,9 @@ def record_digest(index: int, term: int, command: bytes) -> bytes:
     return hashlib.sha256(struct.pack("<QQ", index, term) + command).digest()
 
 
-def scan(data: bytes) -> list[Record]:
-    """The records of a journal file's bytes; JournalDamaged on bad framing or order."""
+def scan(data: bytes, digests: bool = True) -> list[Record]:
+    """The records of a journal file's bytes; JournalDamaged on bad framing or order.
+    Without `digests` (where only the framing is needed) no record is hashed."""
     if len(data) < FIRST_RECORD_OFFSET or not data.startswith(APP_NAME):
         raise JournalDamaged("the journal header is not pysyncobj's")
     version, end = struct.unpack_from("<II", data, 24 + 8)
@@ -82,8 +83,8 @@ def scan(data: bytes) -> list[Record]:
         if records and (index != records[-1].index + 1 or term < records[-1].term):
             raise JournalDamaged(f"{where}: index {index} term {term} does not follow index "
                                  f"{records[-1].index} term {records[-1].term}")
-        body = data[at + 4: at + 4 + size]
-        records.append(Record(index, term, hashlib.sha256(body).digest(), at))
+        digest = hashlib.sha256(data[at + 4: at + 4 + size]).digest() if digests else b""
+        records.append(Record(index, term, digest, at))
         at += size + 8
     return records
 
