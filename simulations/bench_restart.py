@@ -15,7 +15,7 @@ again --restarts times, and each `restart_s` is the time from starting its proce
 it serves the newest round and has applied the leader's commit index.
 
 Reported per N: `rounds`, `journal_bytes` and `snapshot_bytes` (the restarted node's
-files), `state_bytes` (the pickled state), `restart_s` (median), `cluster_start_s` (all
+files), `state_bytes` (the encoded state), `restart_s` (median), `cluster_start_s` (all
 three nodes from cold to a leader serving round N), `status_reply_bytes` (one
 `RoundStatus` reply, bounded by `api.STATUS_BYTES`) and `build_s`. `--json` prints one
 JSON object as the last line: {"rows": [...], "restart_ratio": year / shortest}.
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import pickle
 import shutil
 import signal
 import statistics
@@ -139,16 +138,17 @@ def files_of(raft_dir: Path) -> tuple[int, int]:
 
 def measure(rounds: int, sites: int, restarts: int, cache: Path | None) -> dict[str, Any]:
     t0 = time.monotonic()
-    cached = cache / f"state-{rounds}-{sites}.pickle" if cache else None
+    cached = cache / f"state-{rounds}-{sites}.snapshot" if cache else None
     if cached is not None and cached.exists():
-        machine = pickle.loads(cached.read_bytes())
+        machine = snapshot.decode(cached.read_bytes()).machine
     else:
         machine = build_state(rounds, sites)
         if cached is not None:
             cache.mkdir(parents=True, exist_ok=True)
-            cached.write_bytes(pickle.dumps(machine, protocol=5))
+            cached.write_bytes(snapshot.encode(snapshot.Snapshot(machine, (NO_OP, 2, 1),
+                                                                 (NO_OP, 1, 1), set())))
     build_s = time.monotonic() - t0
-    state_bytes = len(pickle.dumps(machine, protocol=5))
+    state_bytes = len(snapshot.encode(snapshot.Snapshot(machine, (NO_OP, 2, 1), (NO_OP, 1, 1), set())))
     root: Path | None = Path(tempfile.mkdtemp(prefix="fedraft-restart-"))
     cluster = LocalCluster(root)
     admin = AdminClient(OperatorConfig(tuple(n.admin for n in cluster.nodes), cluster.operator),

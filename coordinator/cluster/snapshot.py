@@ -26,8 +26,8 @@ the untrimmed journal (finished at start), or the new snapshot with the trimmed 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-import pickle
 import random
 import struct
 import sys
@@ -35,6 +35,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import msgpack
+from pysyncobj.node import Node, TCPNode
 
 from coordinator import durable
 from coordinator.cluster.journal_check import (
@@ -45,11 +48,12 @@ from coordinator.cluster.journal_check import (
     scan,
 )
 
-MAGIC = b"FEDRAFT-SNAPSHOT-1\n"
+MAGIC = b"FEDRAFT-SNAPSHOT-2\n"
 HEADER = struct.Struct("<QQQQ32s")  # prev index, prev term, last index, last term, SHA-256
 SNAPSHOT_NAME = "raft.dump"
 
 Entry = tuple[Any, int, int]  # pysyncobj's (command, index, term)
+log = logging.getLogger(__name__)
 
 CRASH_POINTS_ENV = "FEDRAFT_TEST_CRASH_POINTS"
 """Tests only (`simulations/chaos.py --crash-points P`): at each step of a compaction the
@@ -82,8 +86,12 @@ class Snapshot:
 
 
 def encode(snap: Snapshot) -> bytes:
-    body = pickle.dumps((snap.machine, snap.last, snap.prev, snap.cluster, snap.audit_through),
-                        protocol=5)
+    """The snapshot as bytes: msgpack of plain data only (the state machine holds dicts,
+    lists, str, bytes, numbers, bool and None; anything else is refused, not guessed at),
+    so reading one, ours or the leader's, never runs code the way unpickling can."""
+    members = sorted(node.id if isinstance(node, Node) else str(node) for node in snap.cluster)
+    body = msgpack.packb([snap.machine, list(snap.last), list(snap.prev), members,
+                          snap.audit_through], use_bin_type=True, strict_types=True)
     head = HEADER.pack(snap.prev[1], snap.prev[2], snap.last[1], snap.last[2],
                        hashlib.sha256(body).digest())
     return MAGIC + head + body
@@ -103,7 +111,12 @@ def read_header(data: bytes) -> tuple[int, int, int, int]:
 
 def decode(data: bytes) -> Snapshot:
     read_header(data)
-    machine, last, prev, cluster, audit_through = pickle.loads(data[len(MAGIC) + HEADER.size:])
+    try:
+        machine, last, prev, members, audit_through = msgpack.unpackb(
+            data[len(MAGIC) + HEADER.size:], raw=False, strict_map_key=False)
+        cluster = {TCPNode(address) for address in members}
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise JournalDamaged(f"the snapshot raft.dump does not decode ({exc})") from None
     return Snapshot(machine, tuple(last), tuple(prev), cluster, audit_through)
 
 
@@ -111,13 +124,17 @@ def writer(machine: Callable[[], dict[str, Any]], audit_through: Callable[[], in
            lock: Any) -> Callable[[str, tuple[Any, ...]], None]:
     """pysyncobj's `serializer` hook: it calls this on its Raft thread, between two
     applies, with the temporary file's name and (last entry, prev entry, members). The
-    state is pickled under `lock`: readers may add an index to it meanwhile."""
+    state is encoded under `lock`: readers may add an index to it meanwhile."""
 
     def write(tmp: str, data: tuple[Any, ...]) -> None:
         last, prev, cluster = data
-        with lock:
-            blob = encode(Snapshot(machine(), tuple(last), tuple(prev), cluster,
-                                   audit_through()))
+        try:
+            with lock:
+                blob = encode(Snapshot(machine(), tuple(last), tuple(prev), cluster,
+                                       audit_through()))
+        except Exception:  # pysyncobj would only say "failed": name why, then retry later
+            log.exception("snapshot not written", extra={"event": "raft_snapshot_failed"})
+            raise
         with open(tmp, "wb") as fh:
             fh.write(blob)
             fh.flush()

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coordinator import wire
+from coordinator.cluster import snapshot
 from coordinator.core import commands as cmds
 from coordinator.core import state as sm
 from coordinator.core.queries import (
@@ -96,3 +97,8 @@ def test_blob_retention_keeps_the_newest_versions_the_runs_and_the_first() -> No
     assert {_h(r) for r in range(last - KEEP_VERSIONS + 1, last + 1)} <= keep
     assert _h(0) in keep  # the first genesis, the run's base
     assert _h(5) not in keep and len(keep) == KEEP_VERSIONS + 1
+
+
+def test_a_long_runs_state_is_plain_data_a_snapshot_keeps_exactly() -> None:
+    snap = snapshot.Snapshot(LONG, (b"x", 2, 1), (b"y", 1, 1), set())
+    assert snapshot.decode(snapshot.encode(snap)).machine == LONG

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pysyncobj.node import TCPNode
 
 from coordinator import wire
 from coordinator.audit.store import open_readonly
@@ -27,15 +28,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _snap() -> snapshot.Snapshot:
-    return snapshot.Snapshot({"seq": 7, "sites": {"a": 1}}, (b"x", 12, 3), (b"y", 11, 3),
-                             {"n1"}, audit_through=5)
+    return snapshot.Snapshot({"seq": 7, "sites": {"a": 1}, "history": {3: [1.5, None, b"z"]}},
+                             (b"x", 12, 3), (b"y", 11, 3), {TCPNode("127.0.0.1:7100")},
+                             audit_through=5)
 
 
 def test_a_snapshot_reads_back_and_names_damage() -> None:
     data = snapshot.encode(_snap())
     back = snapshot.decode(data)
     assert back == _snap()
+    assert [n.address for n in back.cluster] == ["127.0.0.1:7100"]
     assert snapshot.read_header(data) == (11, 3, 12, 3)
+    with pytest.raises(TypeError):  # state that is not plain data is refused, not pickled
+        snapshot.encode(snapshot.Snapshot({"seq": (1, 2)}, (b"x", 2, 1), (b"y", 1, 1), set()))
     flipped = bytearray(data)
     flipped[-3] ^= 1
     with pytest.raises(JournalDamaged, match="checksum"):
