@@ -95,13 +95,9 @@ def peak_rss_mb(pid: int) -> float:
 def wait_run(c: LocalCluster, target: int, deadline: float) -> dict[str, Any]:
     """Round status once `target` is committed, the run stopped, or the deadline passed."""
     while True:
-        try:
-            st = c.round_status()
-        except Exception:  # a leader change: ask again
-            time.sleep(1.0)
-            continue
+        st = c.newest_status()
         if st["last_round"] >= target or st.get("stopped") or time.monotonic() > deadline:
-            return st
+            return c.round_status()  # every round's history, paged
         time.sleep(1.0)
 
 

@@ -243,6 +243,18 @@ class LocalCluster:
             ep = self.admin_of(leader)
         return self.admin.round_status(endpoint=ep)
 
+    def newest_status(self, pause: float = 1.0) -> dict[str, Any]:
+        """The leader's `RoundStatus` of the newest rounds (one reply, no paging), asked
+        again every `pause` seconds while no node answers (a leader change): what a
+        loop that follows a run polls."""
+        while True:
+            leader = self.leader()
+            try:
+                return self.admin.call("RoundStatus",
+                                       endpoint=self.admin_of(leader) if leader else None)
+            except (Unreachable, Refused):
+                time.sleep(pause)
+
     def wait_round(self, target: int, timeout: float = 60.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
